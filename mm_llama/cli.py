@@ -1,0 +1,114 @@
+"""The `mm-llama` command.
+
+    mm-llama ask --checkpoint DIR "question"          # chat-formatted, answer streamed to stdout
+    mm-llama convert --input DIR --output DIR [--to meta|hf] [--shards N]
+
+Errors a user can cause are `MMLlamaError`s: printed as one line on stderr, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mm_llama.errors import InputError, MMLlamaError
+
+
+def _tokenizer_path(checkpoint: Path, explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    for candidate in (checkpoint / "tokenizer.model", checkpoint / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{checkpoint}: no tokenizer.model (looked in the directory and in original/); "
+                     "pass --tokenizer FILE")
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return torch.device(name)
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    import torch
+
+    from mm_llama.generate import Generator, Sampling
+    from mm_llama.llama import Llama
+    from mm_llama.tokenizer import Tokenizer
+
+    checkpoint = Path(args.checkpoint)
+    tokenizer = Tokenizer.from_file(_tokenizer_path(checkpoint, args.tokenizer))
+    device = _resolve_device(args.device)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = Llama.from_pretrained(checkpoint, dtype=dtype, device=device)
+    if model.config.vocab_size != tokenizer.n_words:
+        raise InputError(f"{checkpoint}: the model has {model.config.vocab_size} token embeddings but the tokenizer "
+                         f"has {tokenizer.n_words} tokens")
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.question})
+    prompt = tokenizer.encode_dialog(messages)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+    generator = Generator(model, compile=args.compile)
+    for piece in generator.stream_text(tokenizer, prompt, sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from mm_llama.checkpoints import convert_checkpoint
+
+    written = convert_checkpoint(args.input, args.output, to=args.to, n_shards=args.shards)
+    print(f"wrote {written} checkpoint to {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mm-llama", description="Llama 3 with eyes, ears and a voice.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer a question with a checkpoint (streamed to stdout)")
+    ask.add_argument("question")
+    ask.add_argument("--checkpoint", required=True, help="Meta or Hugging Face checkpoint directory")
+    ask.add_argument("--tokenizer", help="tokenizer.model (default: the one in the checkpoint directory)")
+    ask.add_argument("--system", help="system prompt")
+    ask.add_argument("--max-new-tokens", type=int, default=256)
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ask.add_argument("--top-k", type=int)
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int)
+    ask.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    ask.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    ask.add_argument("--compile", action="store_true", help="compile the decode step (CUDA only)")
+    ask.set_defaults(func=cmd_ask)
+
+    convert = sub.add_parser("convert", help="convert a checkpoint between Meta and Hugging Face formats")
+    convert.add_argument("--input", required=True)
+    convert.add_argument("--output", required=True)
+    convert.add_argument("--to", choices=["meta", "hf"], help="output format (default: the other one)")
+    convert.add_argument("--shards", type=int, default=1, help="model-parallel shards for Meta output")
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MMLlamaError as e:
+        print(f"mm-llama: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random Llama checkpoints in Hugging Face format, written by transformers itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+LLAMA3_TOKENIZER = SHARED / "llama3" / "tokenizer.model"
+
+
+def llama3_tokenizer_path() -> Path:
+    """The real Llama 3 tokenizer, read from ../shared (never copied into the project)."""
+    if not LLAMA3_TOKENIZER.is_file():
+        pytest.fail(f"the real Llama 3 tokenizer is expected at {LLAMA3_TOKENIZER} (../shared beside the checkout)")
+    return LLAMA3_TOKENIZER
+
+
+def hf_llama_config(*, vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=176,
+                    scaled_rope=True, tied=False, original_context=32, max_positions=512):
+    from transformers import LlamaConfig
+
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    if scaled_rope:
+        # A short original context so that positions of a few hundred tokens fall in every scaling band.
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": original_context}
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=dim, intermediate_size=intermediate_size,
+                       num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                       rms_norm_eps=1e-5, max_position_embeddings=max_positions, tie_word_embeddings=tied,
+                       rope_parameters=rope)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights with unit-scale activations (HF's 0.02 init makes logits nearly flat, which hides errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return model
+
+
+def make_hf_checkpoint(path: Path, seed: int = 0, **config_kwargs):
+    """Write a random LlamaForCausalLM with transformers' own save_pretrained; returns the HF model (eval, fp32)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = randomize_(LlamaForCausalLM(hf_llama_config(**config_kwargs)), seed).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """(directory, HF model) of a tiny GQA model with Llama 3.1 rope scaling and an untied head."""
+    path = tmp_path / "hf"
+    return path, make_hf_checkpoint(path)
