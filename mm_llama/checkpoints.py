@@ -277,22 +277,27 @@ def read_hf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
+def meta_to_hf_state(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Meta-named state dict -> HF-named one, wq/wk permuted for HF's rotate-half RoPE (other tensors shared)."""
+    meta_to_hf = {dst: src for src, dst in HF_TO_META.items()}
+    hf_state = {}
+    for key, tensor in state.items():
+        layer = re.findall(r"\.(\d+)\.", key)[:1]
+        hf_key = meta_to_hf[re.sub(r"\.\d+\.", ".{}.", key, count=1)].format(*layer)
+        if key.endswith("attention.wq.weight"):
+            tensor = permute_rope(tensor, config.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            tensor = permute_rope(tensor, config.n_kv_heads)
+        hf_state[hf_key] = tensor
+    return hf_state
+
+
 def write_hf(state: dict[str, torch.Tensor], config: LlamaConfig, out: Path,
              max_shard_bytes: int = 5 * 2**30) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    meta_to_hf = {dst: src for src, dst in HF_TO_META.items()}
-    hf_state = {}
-    for key, tensor in state.items():
-        template = re.sub(r"\.\d+\.", ".{}.", key, count=1)
-        layer = re.findall(r"\.(\d+)\.", key)[:1]
-        hf_key = meta_to_hf[template].format(*layer)
-        if key.endswith("attention.wq.weight"):
-            tensor = permute_rope(tensor, config.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            tensor = permute_rope(tensor, config.n_kv_heads)
-        hf_state[hf_key] = tensor.contiguous()
+    hf_state = {k: v.contiguous() for k, v in meta_to_hf_state(state, config).items()}
     dtype = next(iter(hf_state.values())).dtype
     (out / HF_CONFIG).write_text(json.dumps(llama_to_hf_config(config, dtype), indent=2) + "\n")
     # Shard by size, keeping HF's file naming so transformers' loader reads the result.

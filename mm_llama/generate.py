@@ -171,14 +171,13 @@ class Generator:
         mask = attention_mask(slots, first_slot, cache.max_len)
         logits = self.model(tokens, positions=positions, mask=mask, cache=cache, cache_pos=slots, last_only=True)
         next_tokens = sample(logits[:, -1], sampling, generator)
-        stops = torch.tensor(sorted(set(stop_tokens)), device=dev, dtype=torch.long)
+        stops = set(stop_tokens)
         done = [False] * B
         for step in range(sampling.max_new_tokens):
-            ids = next_tokens.tolist()
-            stopped = torch.isin(next_tokens, stops).tolist() if len(stops) else [False] * B
+            ids = next_tokens.tolist()  # the one host sync per step: the tokens are streamed anyway
             row_tokens: list[int | None] = []
             for b in range(B):
-                done[b] = done[b] or stopped[b]
+                done[b] = done[b] or ids[b] in stops
                 row_tokens.append(None if done[b] else ids[b])
             if all(done):
                 return
