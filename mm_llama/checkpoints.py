@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+
 import torch
 
 from mm_llama.errors import CheckpointError, ConfigError
@@ -65,7 +66,7 @@ _HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta -> HF: reorder each head's rows from interleaved pairs (x0, x1, x2, x3 ...) to halves (x0, x2 ... | x1 ...)."""
+    """Meta -> HF: each head's rows go from interleaved pairs (x0, x1, x2, x3 ..) to halves (x0, x2 .. | x1 ..)."""
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
@@ -144,7 +145,7 @@ def merge_meta_shards(shards: list[dict[str, torch.Tensor]], config: LlamaConfig
     if len(shards) == 1:
         return dict(shards[0])
     n = len(shards)
-    for name, shard in zip(names[1:], shards[1:]):
+    for name, shard in zip(names[1:], shards[1:], strict=True):
         if shard.keys() != shards[0].keys():
             diff = sorted(shard.keys() ^ shards[0].keys())[:5]
             raise CheckpointError(f"{name}: keys differ from {names[0]} (e.g. {diff})")
@@ -180,7 +181,7 @@ def split_meta_shards(state: dict[str, torch.Tensor], n: int, config: LlamaConfi
             parts = [value] * n
         if len(parts) != n or any(p.shape != parts[0].shape for p in parts):
             raise CheckpointError(f"{key} of shape {tuple(value.shape)} cannot be split into {n} equal shards")
-        for shard, part in zip(shards, parts):
+        for shard, part in zip(shards, parts, strict=True):
             shard[key] = part.clone()
     return shards
 
@@ -211,8 +212,8 @@ def write_meta(state: dict[str, torch.Tensor], config: LlamaConfig, out: Path, n
 
 # ---------------------------------------------------------------------------------------------------- HF format
 
-def _hf_templates() -> list[tuple[re.Pattern, str, str]]:
-    return [(re.compile("^" + re.escape(src).replace(r"\{\}", r"(\d+)") + "$"), src, dst)
+def _hf_templates() -> list[tuple[re.Pattern, str]]:
+    return [(re.compile("^" + re.escape(src).replace(r"\{\}", r"(\d+)") + "$"), dst)
             for src, dst in HF_TO_META.items()]
 
 
@@ -257,12 +258,10 @@ def read_hf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
             for key in keys:
                 if _HF_IGNORED.match(key):
                     continue
-                for pattern, _, dst in templates:
-                    if m := pattern.match(key):
-                        break
-                else:
+                matches = [(m, dst) for pattern, dst in templates if (m := pattern.match(key))]
+                if not matches:
                     raise CheckpointError(f"{file}: unexpected tensor {key!r} for a Llama checkpoint")
-                meta_key = dst.format(*m.groups())
+                meta_key = matches[0][1].format(*matches[0][0].groups())
                 try:
                     tensor = f.get_tensor(key)
                 except Exception as e:

@@ -11,8 +11,8 @@ similar lengths reuse the compiled graph.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -109,6 +109,25 @@ def _decode_step(model: Llama, tokens: torch.Tensor, positions: torch.Tensor, ca
     return model(tokens, positions=positions, mask=mask, cache=cache, cache_pos=cache_pos)[:, -1]
 
 
+class _HostCopy:
+    """Copies a few token ids to the host without waiting for the work queued after them (pinned memory + event)."""
+
+    def __init__(self, n: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host = torch.empty(n, dtype=torch.long, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+
+    def start(self, tokens: torch.Tensor) -> None:
+        self.host.copy_(tokens, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class Generator:
     """Generates from a `Llama`, reusing KV caches (and compiled decode graphs) across calls.
 
@@ -125,7 +144,10 @@ class Generator:
         self._caches: dict[tuple[int, int], KVCache] = {}
         self._decode = _decode_step
         if compile:
-            self._decode = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+            # "reduce-overhead" (CUDA graphs) plus coordinate-descent tuning of the generated kernels, for this
+            # function only (options, unlike torch._inductor.config, are not global).
+            self._decode = torch.compile(_decode_step, fullgraph=True,
+                                         options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
         self.compiled = compile
 
     def _cache(self, batch_size: int, needed: int) -> KVCache:
@@ -171,10 +193,22 @@ class Generator:
         mask = attention_mask(slots, first_slot, cache.max_len)
         logits = self.model(tokens, positions=positions, mask=mask, cache=cache, cache_pos=slots, last_only=True)
         next_tokens = sample(logits[:, -1], sampling, generator)
+        decode_slots = torch.arange(longest, longest + sampling.max_new_tokens, device=dev)
+        to_host = _HostCopy(B, dev)
         stops = set(stop_tokens)
         done = [False] * B
         for step in range(sampling.max_new_tokens):
-            ids = next_tokens.tolist()  # the one host sync per step: the tokens are streamed anyway
+            to_host.start(next_tokens)
+            if step < sampling.max_new_tokens - 1:
+                # Queue the next step before waiting for this token on the host: the GPU never idles while Python
+                # streams, checks stops and launches (a step past a stop token is computed and dropped).
+                cache_pos = decode_slots[step : step + 1]
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self._decode(self.model, next_tokens[:, None], (cache_pos - first_slot)[:, None], cache_pos,
+                                      first_slot, cache)
+                next_tokens = sample(logits, sampling, generator)
+            ids = to_host.wait()
             row_tokens: list[int | None] = []
             for b in range(B):
                 done[b] = done[b] or ids[b] in stops
@@ -182,15 +216,6 @@ class Generator:
             if all(done):
                 return
             yield row_tokens
-            if step == sampling.max_new_tokens - 1:
-                return
-            slot = longest + step
-            cache_pos = torch.tensor([slot], device=dev)
-            if self.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = self._decode(self.model, next_tokens[:, None], (slot - first_slot)[:, None], cache_pos,
-                                  first_slot, cache)
-            next_tokens = sample(logits, sampling, generator)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
                  stop_tokens: Sequence[int] = ()) -> list[list[int]]:

@@ -12,7 +12,7 @@ import torch
 from mm_llama.errors import ConfigError
 from mm_llama.llama import LlamaConfig, ffn_hidden_dim
 
-# Keys with no effect on the computation we do (token ids of the generation config, training-only settings, bookkeeping).
+# Keys with no effect on the computation (generation-config token ids, training-only settings, bookkeeping).
 _IGNORED = {"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
             "transformers_version", "model_type", "initializer_range", "use_cache", "attention_dropout",
             "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "tie_encoder_decoder",
@@ -49,7 +49,8 @@ def hf_config_to_llama(cfg: dict, *, source: str) -> LlamaConfig:
                           " (for Llama 3.2 Vision, 'mllama', use MMLlama.from_pretrained)")
     unknown = sorted(set(cfg) - _IGNORED - _USED - set(_REQUIRED))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(_IGNORED | _USED | set(_REQUIRED))}")
+        known = sorted(_IGNORED | _USED | set(_REQUIRED))
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {known}")
     for key, value in _REQUIRED.items():
         if key in cfg and cfg[key] != value:
             raise ConfigError(f"{source}: {key}={cfg[key]!r} is not supported (Llama 3 uses {value!r})")
@@ -70,7 +71,8 @@ def hf_config_to_llama(cfg: dict, *, source: str) -> LlamaConfig:
                   max_seq_len=cfg.get("max_position_embeddings", 8192),
                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
     if rope_type == "llama3":
-        extra = sorted(set(rope) - {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"})
+        known_rope = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        extra = sorted(set(rope) - known_rope)
         if extra:
             raise ConfigError(f"{source}: unknown llama3 rope key(s) {extra}")
         values.update(rope_scaling_factor=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),

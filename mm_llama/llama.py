@@ -15,8 +15,9 @@ This file holds no device, parallelism, compile or inference-mode code (STYLE ru
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

@@ -98,7 +98,7 @@ def _split_long_runs(text: str, max_run: int = MAX_RUN_CHARS) -> list[str]:
     """Cut `text` every `max_run` characters inside any whitespace or non-whitespace run longer than that.
 
     Same cuts as Meta's `_split_whitespaces_or_nonwhitespaces` (runs by `str.isspace`, which `\\s` matches), found
-    with a regex instead of a Python loop per character. The lookbehinds anchor matches at run starts, keeping it linear.
+    with a regex instead of a Python loop per character. The lookbehinds anchor matches at run starts (linear time).
     """
     long_run = rf"(?<!\S)\S{{{max_run + 1},}}|(?<!\s)\s{{{max_run + 1},}}"
     cuts = [c for m in re.finditer(long_run, text) for c in range(m.start() + max_run, m.end(), max_run)]

@@ -37,7 +37,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Weights with unit-scale activations (HF's 0.02 init makes logits nearly flat, which hides errors)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:

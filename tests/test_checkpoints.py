@@ -39,7 +39,7 @@ def manual_meta_shards(state: dict, n: int) -> list[dict]:
             parts = value.chunk(n, dim=1)
         else:
             parts = [value] * n
-        for shard, part in zip(shards, parts):
+        for shard, part in zip(shards, parts, strict=True):
             shard[key] = part.clone()
     return shards
 

@@ -69,7 +69,7 @@ def test_stop_tokens_end_each_row_independently():
     free = Generator(model).generate(prompts, Sampling(max_new_tokens=12))
     stop = free[0][4]  # row 0 stops before its 5th token; row 1 stops wherever that token appears, if anywhere
     stopped = Generator(model).generate(prompts, Sampling(max_new_tokens=12), stop_tokens=[stop])
-    for row_free, row_stopped in zip(free, stopped):
+    for row_free, row_stopped in zip(free, stopped, strict=True):
         expected = row_free[: row_free.index(stop)] if stop in row_free else row_free
         assert row_stopped == expected
     assert len(stopped[0]) == free[0].index(stop) <= 4
