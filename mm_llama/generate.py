@@ -15,12 +15,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mm_llama.errors import InputError
 from mm_llama.llama import Llama
 from mm_llama.tokenizer import StreamDecoder, Tokenizer
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: one compiled graph per bucket
+# Attention kernels for one query per row. cuDNN's (PyTorch's first choice on Hopper) costs ~8 us per layer here;
+# without it the compiled 8B decode went from 213 to 220 tok/s on an H200 (benchmarks/trunk_decode.py).
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class KVCache:
@@ -205,8 +209,9 @@ class Generator:
                 cache_pos = decode_slots[step : step + 1]
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = self._decode(self.model, next_tokens[:, None], (cache_pos - first_slot)[:, None], cache_pos,
-                                      first_slot, cache)
+                with sdpa_kernel(DECODE_SDPA_BACKENDS):
+                    logits = self._decode(self.model, next_tokens[:, None], (cache_pos - first_slot)[:, None],
+                                          cache_pos, first_slot, cache)
                 next_tokens = sample(logits, sampling, generator)
             ids = to_host.wait()
             row_tokens: list[int | None] = []
