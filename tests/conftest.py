@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-LLAMA3_TOKENIZER = SHARED / "llama3" / "tokenizer.model"
+# The real Llama 3 tokenizer (sha256 82e9d319...): ../shared beside the checkout, or wherever the variable points.
+LLAMA3_TOKENIZER = Path(os.environ.get("MM_LLAMA_LLAMA3_TOKENIZER", SHARED / "llama3" / "tokenizer.model"))
 
 
 def llama3_tokenizer_path() -> Path:
     """The real Llama 3 tokenizer, read from ../shared (never copied into the project)."""
     if not LLAMA3_TOKENIZER.is_file():
-        pytest.fail(f"the real Llama 3 tokenizer is expected at {LLAMA3_TOKENIZER} (../shared beside the checkout)")
+        pytest.fail(f"the real Llama 3 tokenizer is expected at {LLAMA3_TOKENIZER} (../shared/llama3/ beside the "
+                    "checkout, or set MM_LLAMA_LLAMA3_TOKENIZER)")
     return LLAMA3_TOKENIZER
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import llama3_tokenizer_path
 from mm_llama.errors import InputError, TokenizerError
 from mm_llama.tokenizer import (
     MAX_ENCODE_CHARS,
@@ -22,22 +23,11 @@ from mm_llama.tokenizer import (
     _split_long_runs,
 )
 
-# CI clones the repo beside shared/, so this path always exists there; the file is never copied into the repo.
-LLAMA3_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "llama3" / "tokenizer.model"
-
 
 @functools.cache
-def _load_real() -> Tokenizer:
-    return Tokenizer.from_file(LLAMA3_TOKENIZER)
-
-
 def real_tokenizer() -> Tokenizer:
-    # Fail, not skip: a missing file in CI must not turn these tests green.
-    if not LLAMA3_TOKENIZER.is_file():
-        pytest.fail(
-            f"Llama 3 tokenizer file missing: {LLAMA3_TOKENIZER} (shared/llama3/tokenizer.model, sha256 82e9d319…)"
-        )
-    return _load_real()
+    # llama3_tokenizer_path fails (not skips) when the file is missing: CI must not turn these tests green.
+    return Tokenizer.from_file(llama3_tokenizer_path())
 
 
 def enc(tok: Tokenizer, text: str, **kw) -> list[int]:
