@@ -18,8 +18,8 @@ import time
 import torch
 
 from mm_llama.checkpoints import meta_to_hf_state
+from mm_llama.checkpoints.hf_config import llama_to_hf_config
 from mm_llama.generate import Generator, Sampling
-from mm_llama.hf_config import llama_to_hf_config
 from mm_llama.llama import Llama, LlamaConfig
 
 LABELS = {"eager": "mm-llama eager", "compiled": "mm-llama compiled", "hf-dynamic": "hf dynamic",

@@ -1,0 +1,136 @@
+"""Reading and writing Llama 3 trunk checkpoints: Meta's format (`meta.py`) and Hugging Face's (`hf.py`).
+
+Every loader builds the model on the meta device and fills it with `load_state_dict(strict=True, assign=True)` from
+memory-mapped tensors, so nothing is copied twice and a missing or extra tensor is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mm_llama.checkpoints.hf import HF_CONFIG, meta_to_hf_state, permute_rope, read_hf, unpermute_rope, write_hf
+from mm_llama.checkpoints.meta import META_PARAMS, merge_meta_shards, read_meta, split_meta_shards, write_meta
+from mm_llama.errors import CheckpointError
+from mm_llama.llama import Llama, LlamaConfig
+
+__all__ = ["convert_checkpoint", "detect_format", "load_llama", "merge_meta_shards", "meta_to_hf_state",
+           "permute_rope", "read_checkpoint", "save_llama", "split_meta_shards", "unpermute_rope", "write_checkpoint",
+           "write_hf"]
+
+
+def detect_format(path: str | Path) -> str:
+    """"meta" (params.json), "hf" (config.json with safetensors) for a checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected params.json + consolidated.NN.pth, "
+                              "or config.json + *.safetensors)")
+    if (path / META_PARAMS).is_file():
+        return "meta"
+    if (path / HF_CONFIG).is_file():
+        return "hf"
+    raise CheckpointError(f"{path}: neither {META_PARAMS} (Meta format) nor {HF_CONFIG} (Hugging Face format) found")
+
+
+def read_checkpoint(path: str | Path) -> tuple[str, LlamaConfig, dict[str, torch.Tensor]]:
+    """(format, config, state dict with Meta names) of a checkpoint directory; tensors stay lazy where possible."""
+    path = Path(path)
+    fmt = detect_format(path)
+    config, state = read_meta(path) if fmt == "meta" else read_hf(path)
+    return fmt, config, state
+
+
+def check_state_dict(state: dict[str, torch.Tensor], model: Llama, source: str) -> None:
+    """Strict key and shape check, with a message that names the source and the first problems."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        expected.pop("output.weight")
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: state dict does not match the config: missing {missing[:6]}"
+                              f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                              f"{' ...' if len(unexpected) > 6 else ''}")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, the config implies "
+                                  f"{tuple(shape)}")
+
+
+def check_tokenizer_vocab(path: Path, config: LlamaConfig) -> None:
+    """A tokenizer.model shipped in the checkpoint directory must match the embedding table."""
+    for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            from mm_llama.tokenizer import Tokenizer
+
+            n_words = Tokenizer.from_file(candidate).n_words
+            if n_words != config.vocab_size:
+                raise CheckpointError(f"{path}: vocab_size {config.vocab_size} in the config differs from the "
+                                      f"{n_words} tokens of {candidate}")
+            return
+
+
+def load_llama(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
+               device: torch.device | str = "cpu") -> Llama:
+    """Build a `Llama` from a Meta or HF checkpoint directory: meta-device construction, strict assign-load.
+
+    Args:
+        dtype: parameter dtype (None keeps the checkpoint's).
+        device: where the weights go.
+    """
+    path = Path(path)
+    fmt, config, state = read_checkpoint(path)
+    check_tokenizer_vocab(path, config)
+    with torch.device("meta"):
+        model = Llama(config)
+    check_state_dict(state, model, f"{path} ({fmt} format)")
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+             for k, v in state.items()}
+    if config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.reset_rope()
+    return model
+
+
+def save_llama(model: Llama, out: str | Path, *, fmt: str = "meta", n_shards: int = 1) -> None:
+    """Write `model` as a Meta or HF checkpoint directory (atomically: a temporary directory, then a rename)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("output.weight")
+    write_checkpoint(state, model.config, Path(out), fmt=fmt, n_shards=n_shards)
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], config: LlamaConfig, out: Path, *, fmt: str,
+                     n_shards: int = 1, extra_files: tuple[Path, ...] = ()) -> None:
+    if fmt not in ("meta", "hf"):
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; accepted: 'meta', 'hf'")
+    if out.exists():
+        raise CheckpointError(f"{out}: already exists; choose a new output directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        if fmt == "meta":
+            write_meta(state, config, tmp, n_shards)
+        else:
+            write_hf(state, config, tmp)
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / extra.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = None, n_shards: int = 1) -> str:
+    """Convert a checkpoint directory Meta <-> HF without changing a single bit of the weights; returns the format
+    written (by default the other one). A tokenizer.model next to the weights is copied along."""
+    src, dst = Path(src), Path(dst)
+    fmt, config, state = read_checkpoint(src)
+    to = to or ("hf" if fmt == "meta" else "meta")
+    extras = tuple(p for p in (src / "tokenizer.model", src / "original" / "tokenizer.model") if p.is_file())[:1]
+    write_checkpoint(state, config, dst, fmt=to, n_shards=n_shards, extra_files=extras)
+    return to
