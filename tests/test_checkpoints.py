@@ -109,8 +109,9 @@ def test_kv_heads_replicated_over_more_ranks_than_heads(tmp_path):
 
 def test_hf_to_meta_to_hf_round_trip_is_bit_identical(tmp_path, hf_checkpoint):
     hf_dir, hf_model = hf_checkpoint
-    convert_checkpoint(hf_dir, tmp_path / "meta")
-    convert_checkpoint(tmp_path / "meta", tmp_path / "hf2")
+    convert_checkpoint(hf_dir, tmp_path / "new" / "parent" / "meta")  # missing parents are created
+    convert_checkpoint(tmp_path / "new" / "parent" / "meta", tmp_path / "hf2")
+    assert not [p for p in (tmp_path / "new" / "parent").iterdir() if p.name.startswith(".")]  # no temp dir left
     original, again = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
     assert original.keys() == again.keys()
     for key in original:

@@ -106,11 +106,14 @@ def save_llama(model: Llama, out: str | Path, *, fmt: str = "meta", n_shards: in
 
 def write_checkpoint(state: dict[str, torch.Tensor], config: LlamaConfig, out: Path, *, fmt: str,
                      n_shards: int = 1, extra_files: tuple[Path, ...] = ()) -> None:
+    """Write a Meta-named state dict as a checkpoint directory: all or nothing (temporary directory + rename)."""
     if fmt not in ("meta", "hf"):
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; accepted: 'meta', 'hf'")
     if out.exists():
         raise CheckpointError(f"{out}: already exists; choose a new output directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    # The temporary directory sits beside the target so that the final rename stays on one filesystem.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if fmt == "meta":
             write_meta(state, config, tmp, n_shards)
@@ -118,7 +121,6 @@ def write_checkpoint(state: dict[str, torch.Tensor], config: LlamaConfig, out: P
             write_hf(state, config, tmp)
         for extra in extra_files:
             shutil.copy2(extra, tmp / extra.name)
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
