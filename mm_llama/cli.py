@@ -1,7 +1,7 @@
 """The `mm-llama` command.
 
     mm-llama ask --checkpoint DIR "question"          # chat-formatted, answer streamed to stdout
-    mm-llama convert --input DIR --output DIR [--to meta|hf] [--shards N]
+    mm-llama convert --input DIR --output DIR [--to meta|hf|ours] [--shards N]
 
 Errors a user can cause are `MMLlamaError`s: printed as one line on stderr, exit status 2, no traceback.
 """
@@ -16,9 +16,11 @@ from mm_llama.errors import InputError, MMLlamaError
 
 
 def _tokenizer_path(checkpoint: Path, explicit: str | None) -> Path:
+    from mm_llama.checkpoints import tokenizer_candidates
+
     if explicit:
         return Path(explicit)
-    for candidate in (checkpoint / "tokenizer.model", checkpoint / "original" / "tokenizer.model"):
+    for candidate in tokenizer_candidates(checkpoint):
         if candidate.is_file():
             return candidate
     raise InputError(f"{checkpoint}: no tokenizer.model (looked in the directory and in original/); "
@@ -89,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--compile", action="store_true", help="compile the decode step (CUDA only)")
     ask.set_defaults(func=cmd_ask)
 
-    convert = sub.add_parser("convert", help="convert a checkpoint between Meta and Hugging Face formats")
+    convert = sub.add_parser("convert", help="convert a trunk checkpoint: Meta, Hugging Face, mm-llama formats")
     convert.add_argument("--input", required=True)
     convert.add_argument("--output", required=True)
-    convert.add_argument("--to", choices=["meta", "hf"], help="output format (default: the other one)")
+    convert.add_argument("--to", choices=["meta", "hf", "ours"],
+                         help="output format (default: hf for a Meta input, meta otherwise)")
     convert.add_argument("--shards", type=int, default=1, help="model-parallel shards for Meta output")
     convert.set_defaults(func=cmd_convert)
     return parser

@@ -125,6 +125,17 @@ def test_hf_to_meta_to_hf_round_trip_is_bit_identical(tmp_path, hf_checkpoint):
         assert torch.equal(reloaded(TOKENS).logits, hf_model(TOKENS).logits)
 
 
+def test_ours_format_round_trip(tmp_path, hf_checkpoint):
+    hf_dir, hf_model = hf_checkpoint
+    assert convert_checkpoint(hf_dir, tmp_path / "ours", to="ours") == "ours"
+    assert (tmp_path / "ours" / "mm_llama.json").is_file()
+    convert_checkpoint(tmp_path / "ours", tmp_path / "hf2", to="hf")
+    original, again = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    with torch.no_grad():
+        assert (logits_of(tmp_path / "ours") - hf_model(TOKENS).logits).abs().max() <= 1e-4
+
+
 def test_rotary_permutation_is_inverted():
     w = torch.randn(64, 48)
     assert torch.equal(unpermute_rope(permute_rope(w, 4), 4), w)

@@ -1,4 +1,5 @@
-"""Reading and writing Llama 3 trunk checkpoints: Meta's format (`meta.py`) and Hugging Face's (`hf.py`).
+"""Reading and writing Llama 3 trunk checkpoints: Meta's format (`meta.py`), Hugging Face's (`hf.py`) and ours
+(`ours.py`: what the training stages write).
 
 Every loader builds the model on the meta device and fills it with `load_state_dict(strict=True, assign=True)` from
 memory-mapped tensors, so nothing is copied twice and a missing or extra tensor is an error naming the file.
@@ -14,6 +15,7 @@ import torch
 
 from mm_llama.checkpoints.hf import HF_CONFIG, meta_to_hf_state, permute_rope, read_hf, unpermute_rope, write_hf
 from mm_llama.checkpoints.meta import META_PARAMS, merge_meta_shards, read_meta, split_meta_shards, write_meta
+from mm_llama.checkpoints.ours import OURS_INDEX, read_ours_trunk, write_ours
 from mm_llama.errors import CheckpointError
 from mm_llama.llama import Llama, LlamaConfig
 
@@ -23,22 +25,30 @@ __all__ = ["convert_checkpoint", "detect_format", "load_llama", "merge_meta_shar
 
 
 def detect_format(path: str | Path) -> str:
-    """"meta" (params.json), "hf" (config.json with safetensors) for a checkpoint directory."""
+    """"ours" (mm_llama.json), "meta" (params.json) or "hf" (config.json with safetensors) for a directory."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (expected params.json + consolidated.NN.pth, "
-                              "or config.json + *.safetensors)")
+                              "config.json + *.safetensors, or mm_llama.json)")
+    if (path / OURS_INDEX).is_file():
+        return "ours"
     if (path / META_PARAMS).is_file():
         return "meta"
     if (path / HF_CONFIG).is_file():
         return "hf"
-    raise CheckpointError(f"{path}: neither {META_PARAMS} (Meta format) nor {HF_CONFIG} (Hugging Face format) found")
+    raise CheckpointError(f"{path}: none of {META_PARAMS} (Meta format), {HF_CONFIG} (Hugging Face format) or "
+                          f"{OURS_INDEX} (mm-llama format) found")
 
 
 def read_checkpoint(path: str | Path) -> tuple[str, LlamaConfig, dict[str, torch.Tensor]]:
     """(format, config, state dict with Meta names) of a checkpoint directory; tensors stay lazy where possible."""
     path = Path(path)
     fmt = detect_format(path)
+    if fmt == "ours":
+        trunk = read_ours_trunk(path)
+        if isinstance(trunk, Path):  # an adapter checkpoint: the trunk lives in the checkpoint it refers to
+            return read_checkpoint(trunk)
+        return (fmt, *trunk)
     config, state = read_meta(path) if fmt == "meta" else read_hf(path)
     return fmt, config, state
 
@@ -59,9 +69,14 @@ def check_state_dict(state: dict[str, torch.Tensor], model: Llama, source: str) 
                                   f"{tuple(shape)}")
 
 
+def tokenizer_candidates(path: Path) -> tuple[Path, Path]:
+    """Where a checkpoint directory keeps its tokenizer.model (HF repositories put Meta's files under original/)."""
+    return path / "tokenizer.model", path / "original" / "tokenizer.model"
+
+
 def check_tokenizer_vocab(path: Path, config: LlamaConfig) -> None:
     """A tokenizer.model shipped in the checkpoint directory must match the embedding table."""
-    for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
+    for candidate in tokenizer_candidates(path):
         if candidate.is_file():
             from mm_llama.tokenizer import Tokenizer
 
@@ -107,8 +122,8 @@ def save_llama(model: Llama, out: str | Path, *, fmt: str = "meta", n_shards: in
 def write_checkpoint(state: dict[str, torch.Tensor], config: LlamaConfig, out: Path, *, fmt: str,
                      n_shards: int = 1, extra_files: tuple[Path, ...] = ()) -> None:
     """Write a Meta-named state dict as a checkpoint directory: all or nothing (temporary directory + rename)."""
-    if fmt not in ("meta", "hf"):
-        raise CheckpointError(f"unknown checkpoint format {fmt!r}; accepted: 'meta', 'hf'")
+    if fmt not in ("meta", "hf", "ours"):
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; accepted: 'meta', 'hf', 'ours'")
     if out.exists():
         raise CheckpointError(f"{out}: already exists; choose a new output directory")
     # The temporary directory sits beside the target so that the final rename stays on one filesystem.
@@ -117,8 +132,10 @@ def write_checkpoint(state: dict[str, torch.Tensor], config: LlamaConfig, out: P
     try:
         if fmt == "meta":
             write_meta(state, config, tmp, n_shards)
-        else:
+        elif fmt == "hf":
             write_hf(state, config, tmp)
+        else:
+            write_ours(tmp, trunk={"config": config.to_dict()}, trunk_weights=state)
         for extra in extra_files:
             shutil.copy2(extra, tmp / extra.name)
         tmp.rename(out)
@@ -133,6 +150,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = Non
     src, dst = Path(src), Path(dst)
     fmt, config, state = read_checkpoint(src)
     to = to or ("hf" if fmt == "meta" else "meta")
-    extras = tuple(p for p in (src / "tokenizer.model", src / "original" / "tokenizer.model") if p.is_file())[:1]
+    extras = tuple(p for p in tokenizer_candidates(src) if p.is_file())[:1]
     write_checkpoint(state, config, dst, fmt=to, n_shards=n_shards, extra_files=extras)
     return to
