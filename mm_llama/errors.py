@@ -23,3 +23,11 @@ class TokenizerError(MMLlamaError):
 
 class InputError(MMLlamaError):
     """A request is invalid: a prompt longer than the context, a bad sampling parameter, an unreadable file."""
+
+
+class TrainingError(MMLlamaError):
+    """Training cannot go on: a non-finite loss or gradient norm, nothing to resume from, a run directory in use."""
+
+
+class DataError(MMLlamaError):
+    """A dataset cannot be read: too many corrupt samples, no shards."""

@@ -23,7 +23,9 @@ import tiktoken
 
 from mm_llama.errors import InputError, TokenizerError
 
-__all__ = ["MEDIA_TOKENS", "N_MEDIA_TOKENS", "SPECIAL_TOKENS", "StreamDecoder", "Tokenizer", "load_ranks"]
+__all__ = [
+    "MEDIA_TOKENS", "N_MEDIA_TOKENS", "SPECIAL_TOKENS", "StreamDecoder", "Tokenizer", "load_ranks", "write_ranks",
+]
 
 # Meta's Llama 3 pre-tokenizer regex (llama3 `tokenizer.py`); ids only match Meta's with exactly this pattern.
 SPLIT_PATTERN = (
@@ -50,6 +52,7 @@ MEDIA_TOKENS = ["<|image|>", "<|video|>", "<|speech_start|>", "<|speech_end|>"] 
     f"<|media_reserved_{i}|>" for i in range(4, N_MEDIA_TOKENS)
 ]
 ROLES = ("system", "user", "assistant", "ipython")
+_BYTE_RANKS = {bytes([b]): b for b in range(256)}
 
 
 def load_ranks(path: str | Path) -> dict[bytes, int]:
@@ -81,6 +84,20 @@ def load_ranks(path: str | Path) -> dict[bytes, int]:
         raise TokenizerError(f"tokenizer file {path} is empty: expected lines of '<base64 token> <rank>'")
     _check_ranks(ranks, str(path))
     return ranks
+
+
+def write_ranks(path: str | Path, ranks: Mapping[bytes, int]) -> None:
+    """Write a tiktoken ranks file that `load_ranks` reads back unchanged (the inverse of `load_ranks`).
+
+    Args:
+        path: the file to write (replaced if it exists).
+        ranks: token bytes → rank, ranks 0..n-1 covering every single byte.
+    Returns:
+        None. Raises `TokenizerError` if the ranks are not a valid table.
+    """
+    _check_ranks(ranks, str(path))
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    Path(path).write_text("".join(f"{base64.b64encode(t).decode('ascii')} {r}\n" for t, r in by_rank), encoding="ascii")
 
 
 def _check_ranks(ranks: Mapping[bytes, int], source: str) -> None:
@@ -143,6 +160,15 @@ class Tokenizer:
             the tokenizer; `TokenizerError` naming the file if it is missing or malformed.
         """
         return cls(load_ranks(path), name=str(path))
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """A tokenizer with one rank per byte and no merges: 256 ranks, n_words 512 (the demo world's vocabulary).
+
+        Returns:
+            the tokenizer; `write_ranks(path, {bytes([b]): b for b in range(256)})` stores the same table.
+        """
+        return cls(_BYTE_RANKS, name="byte-level")
 
     def encode(
         self, text: str, *, bos: bool, eos: bool, allowed_special: Literal["none", "all"] | AbstractSet[str] = "none"

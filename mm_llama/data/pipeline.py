@@ -1,0 +1,396 @@
+"""Webdataset shards → samples → batches: deterministic, resumable, and tolerant of a few bad samples.
+
+Every modality uses this plumbing and supplies three small functions:
+    decode(sample) -> value   sample = {"__key__", "__url__", ext: bytes}; raises `BadSample` for data it cannot use.
+                              It runs on every sample, fast-forwarded ones included, so it decides what counts as bad.
+    prepare(value) -> row     the expensive part (tokenizing, resizing); runs only for delivered samples and must not
+                              fail, or batch boundaries would differ between a fresh and a resumed run.
+    collate(rows) -> dict     tensors of one batch.
+
+Stream of one rank: its shards (finite: each once; resampled: drawn with replacement, forever) → DataLoader worker w
+of n reads its share (finite: shards w, w+n, …; resampled: its own seeded draws) → tar members → samples → decode →
+seeded shuffle buffer → fast-forward drop → prepare → main process: the DataLoader's round robin over workers →
+batches. Every random choice is seeded from (seed, rank, world_size, worker, n_workers), so a configuration always
+yields the same batches.
+
+Skipped and counted (see `SkipCounter`): a sample `decode` rejects, a sample with a duplicate member, and each damaged
+region of a tar (a bad header up to the next good one, which loses the member it described; a damaged pax header
+still counts though its member survives), or a cut-off end.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+
+from mm_llama.errors import DataError, InputError
+
+__all__ = ["BadSample", "ShardSamples", "SkipCounter", "expand_shards", "iterate_batches"]
+
+log = logging.getLogger("mm_llama.data")
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+# Members whose data blocks describe the next member (GNU long name/link, pax headers) rather than being a file.
+_EXTENSION_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE)
+
+
+class BadSample(Exception):
+    """Raised by a modality's `decode` for a sample it cannot use; the pipeline skips and counts it."""
+
+
+class _Damage(NamedTuple):
+    """A region of a shard that yields no sample: a corrupt header, a cut-off archive, a duplicate member."""
+
+    reason: str
+
+
+def expand_shards(spec: str) -> list[str]:
+    """The shard paths of a `shards:` setting.
+
+    Args:
+        spec: a brace pattern (`data/text-{000000..000003}.tar`), a directory (all its `*.tar`, sorted), a `.txt` file
+            listing one shard per line (relative to the list's folder; blank and `#` lines ignored), or one shard.
+            URLs (`pipe:`, `http://`, …) are passed to webdataset's `gopen` unchecked.
+    Returns:
+        the shards in order; `DataError` naming `spec` when there are none or a local shard is missing.
+    """
+    path = Path(spec)
+    if "{" in spec:
+        shards = list(braceexpand.braceexpand(spec))
+    elif path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+    elif path.suffix == ".txt":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read the shard list {spec}: {e}") from None
+        names = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+        shards = [n if not _is_local(n) or Path(n).is_absolute() else str(path.parent / n) for n in names]
+    else:
+        shards = [spec]
+    if not shards:
+        raise DataError(f"no shards in {spec!r}: expected a brace pattern like data/text-{{000000..000009}}.tar, a "
+                        "directory holding *.tar files, or a .txt file listing one shard per line")
+    missing = [s for s in shards if _is_local(s) and not Path(s).is_file()]
+    if missing:
+        raise DataError(f"shard {missing[0]} of {spec!r} does not exist ({len(missing)} of {len(shards)} missing)")
+    return shards
+
+
+def _is_local(shard: str) -> bool:
+    return "://" not in shard and not shard.startswith("pipe:")
+
+
+class SkipCounter:
+    """Counts samples read and skipped, warns (rate-limited) and raises `DataError` when too many are skipped.
+
+    The limit: skipped > max_fraction × max(read, 1 / max_fraction). At 1 % the first bad sample is tolerated, a
+    second one within the first 200 read is not, and beyond that the plain fraction applies.
+
+    The main process applies it to all workers' counts together. A worker applies it to its own counts plus
+    `elsewhere`, an upper bound on the good samples the other workers deliver meanwhile, so it raises only where the
+    main process would (and still raises when it reads nothing but bad samples, which the main process never sees).
+
+    Args:
+        max_fraction: the tolerated fraction of skipped samples in [0, 1] (0: none at all).
+        warn_every: at most one warning per this many seconds; None for none (the main process, whose workers warn).
+    """
+
+    def __init__(self, max_fraction: float, *, warn_every: float | None = 5.0):
+        self.max_fraction, self.warn_every = max_fraction, warn_every
+        self.read = self.skipped = self.pending = 0  # pending: skipped since the last `take`
+        self.shard = self.reason = ""
+        self.elsewhere = 0
+        self._last_warning = -math.inf
+
+    def good(self) -> None:
+        self.read += 1
+
+    def bad(self, shard: str, reason: str, n: int = 1) -> None:
+        """Count `n` skipped samples of `shard`; raises `DataError` once the limit is passed."""
+        self.read, self.skipped, self.pending = self.read + n, self.skipped + n, self.pending + n
+        self.shard, self.reason = shard, reason
+        now = time.monotonic()
+        if self.warn_every is not None and now - self._last_warning >= self.warn_every:
+            self._last_warning = now
+            log.warning("skipped %d bad sample(s) of %d read so far; latest in shard %s: %s",
+                        self.skipped, self.read, shard, reason)
+        # max(f·read, 1) is f·max(read, 1/f) without the rounding of 1/f (f = 0.03 would make the floor 0.99…).
+        if self.skipped > max(self.max_fraction * (self.read + self.elsewhere), 1.0 if self.max_fraction > 0 else 0):
+            raise DataError(
+                f"too many bad samples: {self.skipped} of {self.read} read were skipped "
+                f"({self.skipped / self.read:.2%}); max_skip_fraction={self.max_fraction} tolerates at most "
+                f"max({self.max_fraction} x samples read, 1). Latest in shard {shard}: {reason}")
+
+    def take(self) -> tuple[int, str, str]:
+        """(skipped since the last call, latest shard, latest reason)."""
+        n, self.pending = self.pending, 0
+        return n, self.shard, self.reason
+
+
+def _tar_members(stream) -> Iterator[tuple[str, bytes] | _Damage]:
+    """Regular files of an uncompressed tar stream as (name, data), and a `_Damage` per damaged region.
+
+    `tarfile` in stream mode silently ends the archive at the first bad header, losing the rest of the shard unseen;
+    here a bad header yields one `_Damage` and reading resumes at the next block that parses as a header.
+    """
+    long_name, damaged = None, False
+    while True:
+        block = stream.read(_BLOCK)  # buffered streams return short reads only at the end
+        if len(block) < _BLOCK:
+            if block and not damaged:
+                yield _Damage("the archive ends inside a header (truncated shard)")
+            return
+        if block == _ZERO_BLOCK:  # end-of-archive marker or record padding; a concatenated archive may follow
+            continue
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            if not damaged:
+                yield _Damage("corrupt tar header (bad checksum or field)")
+            damaged = True
+            continue
+        damaged = False
+        has_data = info.isreg() or info.type in _EXTENSION_TYPES or info.type not in tarfile.SUPPORTED_TYPES
+        size = info.size if has_data else 0
+        data = stream.read(-(-size // _BLOCK) * _BLOCK)
+        if len(data) < size:
+            yield _Damage(f"the archive ends inside member {long_name or info.name} (truncated shard)")
+            return
+        data = data[:size]
+        if info.type == tarfile.GNUTYPE_LONGNAME:
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif info.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):  # records "<len> <key>=<value>\n"
+            paths = [r.partition(b" ")[2][5:] for r in data.split(b"\n") if r.partition(b" ")[2].startswith(b"path=")]
+            long_name = paths[-1].decode("utf-8", "surrogateescape") if paths else long_name
+        elif info.type not in _EXTENSION_TYPES:
+            name, long_name = long_name or info.name, None
+            if info.isreg():
+                yield name, data
+
+
+def _read_shard(url: str) -> Iterator[dict | _Damage]:
+    """Samples of a shard: consecutive members with one key ("dir/000001" of "dir/000001.seg.txt") → {ext: bytes}."""
+    sample = None
+    try:
+        with gopen(url, "rb") as stream:
+            for member in _tar_members(stream):
+                if isinstance(member, _Damage):
+                    yield member
+                    continue
+                name, data = member
+                folder, _, base = name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot or not stem or stem.startswith("__"):  # no extension, or metadata like __key__.txt
+                    continue
+                key = f"{folder}/{stem}" if folder else stem
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None:
+                        yield sample.get("__bad__", sample)
+                    sample = {"__key__": key, "__url__": url}
+                ext = ext.lower()
+                if ext in sample:  # the whole sample is dropped (counted once): which of the two is right is unknowable
+                    sample.setdefault("__bad__", _Damage(f"sample {key} has two '{ext}' members"))
+                sample[ext] = data
+    except OSError as e:  # cannot open, or a read error: the rest of the shard is lost
+        yield _Damage(f"cannot read the shard: {e.strerror or e}")
+    if sample is not None:
+        yield sample.get("__bad__", sample)
+
+
+@dataclass
+class _Item:
+    """What a worker sends to the main process: a sample, a rotation marker, a trailing skip count or an error."""
+
+    kind: str  # "sample" | "marker" | "tail" | "error"
+    value: Any = None
+    skipped: int = 0  # bad samples since the worker's previous item
+    shard: str = ""
+    reason: str = ""
+    prior: tuple[int, int] = (0, 0)  # (read, skipped) of samples this worker fast-forwarded over
+
+
+def _share(total: int, worker: int, n_workers: int) -> int:
+    """How many of the global indices 0..total-1 the round robin gives to `worker` (those ≡ worker mod n)."""
+    return max(0, -(-(total - worker) // n_workers))
+
+
+class ShardSamples(IterableDataset):
+    """The prepared samples of one rank's shards; under a DataLoader each worker reads its own share.
+
+    Args:
+        shards: shard paths or URLs (see `expand_shards`).
+        decode, prepare: see the module docstring.
+        rank, world_size: this process among the data-parallel ranks (explicit, not read from torch.distributed).
+        shuffle_buffer: samples in the shuffle buffer; 0 keeps file order.
+        seed: seeds shard draws, shard order and the shuffle buffer.
+        resampled: draw shards with replacement, forever; else each of the rank's shards once.
+        max_skip_fraction: see `SkipCounter`.
+    """
+
+    def __init__(self, shards: list[str], *, decode: Callable[[dict], Any], prepare: Callable[[Any], Any],
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, seed: int = 0, resampled: bool = True,
+                 max_skip_fraction: float = 0.01):
+        if not resampled and len(shards) < world_size:
+            raise DataError(f"{len(shards)} shard(s) cannot feed {world_size} ranks without resampling: every rank "
+                            "reads different shards, so it needs at least one (set resampled: true or add shards)")
+        self.shards, self.decode, self.prepare = list(shards), decode, prepare
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.resampled, self.max_skip_fraction = shuffle_buffer, resampled, max_skip_fraction
+        self.drop = 0  # the first `drop` samples the round robin would deliver are skipped, before `prepare`
+
+    def _urls(self, worker: int, n_workers: int, stream_id: str) -> Iterator[str]:
+        if not self.resampled:
+            # Same seeded order on every rank, then disjoint slices: rank r reads r, r+W, …; its worker w every n-th.
+            order = list(self.shards)
+            if self.shuffle_buffer > 0:
+                random.Random(f"order/{self.seed}").shuffle(order)
+            yield from order[self.rank :: self.world_size][worker::n_workers]
+            return
+        # Disjoint pools per rank when there are enough shards; else ranks differ only through their seeds.
+        pool = self.shards[self.rank :: self.world_size] if len(self.shards) >= self.world_size else self.shards
+        rng = random.Random(f"shards/{stream_id}")
+        while True:
+            yield rng.choice(pool)
+
+    def _decoded(self, urls: Iterator[str], counter: SkipCounter) -> Iterator[Any]:
+        empty_run = 0  # an endless stream over shards without any sample would otherwise never yield nor end
+        for url in urls:
+            found = False
+            for sample in _read_shard(url):
+                found = True
+                if isinstance(sample, _Damage):
+                    counter.bad(url, sample.reason)
+                    continue
+                try:
+                    value = self.decode(sample)
+                except BadSample as e:
+                    counter.bad(url, str(e))
+                    continue
+                counter.good()
+                yield value
+            empty_run = 0 if found else empty_run + 1
+            if empty_run > max(10, 2 * len(self.shards)):
+                raise DataError(f"{empty_run} shards in a row held no sample (latest {url}); are they empty?")
+
+    def __iter__(self) -> Iterator[_Item]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counter = SkipCounter(self.max_skip_fraction)
+        try:
+            yield from self._items(worker, n_workers, counter)
+        except DataError as e:
+            # Raised in a worker, the error would reach the main process rewrapped around a traceback; as an item it
+            # arrives intact and the main process raises it.
+            yield _Item("error", reason=str(e))
+
+    def _items(self, worker: int, n_workers: int, counter: SkipCounter) -> Iterator[_Item]:
+        stream_id = f"{self.seed}/{self.rank}/{self.world_size}/{worker}/{n_workers}"
+        # The main process takes item i from worker i mod n. After dropping its share of the first `drop` samples,
+        # each worker below drop mod n sends one marker first, so the round robin resumes at the right worker.
+        if n_workers > 1 and worker < self.drop % n_workers:
+            yield _Item("marker")
+        to_drop = _share(self.drop, worker, n_workers)
+        counter.elsewhere = (n_workers - 1) * 2
+        values = self._decoded(self._urls(worker, n_workers, stream_id), counter)
+        if self.shuffle_buffer > 0:
+            rng = random.Random(f"shuffle/{stream_id}")
+            values = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(values)
+        prior, emitted = [0, 0], 0
+        for value in values:
+            skipped, shard, reason = counter.take()
+            # The round robin lets every other worker deliver at most one item more than this one before our next.
+            emitted += 1
+            counter.elsewhere = (n_workers - 1) * (emitted + 2)
+            if to_drop:  # fast-forward: decoded (to count bad samples) but never prepared
+                to_drop -= 1
+                prior[0], prior[1] = prior[0] + 1 + skipped, prior[1] + skipped
+                continue
+            yield _Item("sample", self.prepare(value), skipped, shard, reason, prior=(prior[0], prior[1]))
+            prior = [0, 0]
+        skipped, shard, reason = counter.take()
+        if skipped:
+            yield _Item("tail", None, skipped, shard, reason)
+
+
+def _items(samples: ShardSamples, num_workers: int) -> Iterator[_Item]:
+    if num_workers == 0:
+        yield from samples
+        return
+    # Our own generator: the DataLoader draws its base seed from it instead of from torch's global RNG, whose state
+    # training saves and restores. Workers use only their own seeded RNGs.
+    yield from DataLoader(samples, batch_size=None, num_workers=num_workers,
+                          generator=torch.Generator().manual_seed(samples.seed))
+
+
+def iterate_batches(samples: ShardSamples, *, batch_size: int, collate: Callable[[list], dict], num_workers: int = 0,
+                    start: int = 0) -> Iterator[dict]:
+    """Batches of `samples`, read by `num_workers` DataLoader workers (0: in this process), from batch `start` on.
+
+    Args:
+        samples: the rank's sample stream.
+        batch_size: rows per batch; the last batch of a finite stream may be smaller.
+        collate: rows → dict of tensors.
+        num_workers: DataLoader workers.
+        start: index of the first batch; what a fresh run yields from its `start`-th batch on, exactly.
+    Returns:
+        an iterator of `collate(rows)` plus "skipped" (bad samples since the previous batch) and "samples" (rows).
+        `DataError` (raised in this process, message intact) when too many samples are bad.
+    """
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise InputError(f"start must be a batch index >= 0, got {start!r}")
+    # Workers can skip their round-robin share cheaply when no worker runs dry before the start: always true for
+    # endless streams and for a single stream. A finite stream over several workers is fast-forwarded here instead.
+    samples = copy.copy(samples)
+    in_workers = samples.resampled or num_workers <= 1
+    samples.drop, to_drop = (start * batch_size, 0) if in_workers else (0, start * batch_size)
+    return _batches(samples, batch_size, collate, num_workers, to_drop)
+
+
+def _batches(samples: ShardSamples, batch_size: int, collate: Callable[[list], dict], num_workers: int,
+             to_drop: int) -> Iterator[dict]:
+    counter = SkipCounter(samples.max_skip_fraction, warn_every=None)  # all workers together; they warn themselves
+    rows, skipped, held = [], 0, None
+    for item in _items(samples, num_workers):
+        if item.kind == "error":
+            raise DataError(item.reason)
+        counter.read, counter.skipped = counter.read + item.prior[0], counter.skipped + item.prior[1]
+        if item.skipped:
+            counter.bad(item.shard, item.reason, item.skipped)
+        skipped += item.skipped
+        if item.kind != "sample":
+            continue
+        counter.good()
+        if to_drop:
+            to_drop, skipped = to_drop - 1, 0
+            continue
+        # A full batch is held until the next sample arrives, so skips at the very end of a finite stream still
+        # reach the last batch.
+        if held is not None:
+            yield held
+            held = None
+        rows.append(item.value)
+        if len(rows) == batch_size:
+            held, rows, skipped = {**collate(rows), "skipped": skipped, "samples": len(rows)}, [], 0
+    if rows:
+        if held is not None:
+            yield held
+        yield {**collate(rows), "skipped": skipped, "samples": len(rows)}
+    elif held is not None:
+        held["skipped"] += skipped
+        yield held

@@ -1,0 +1,142 @@
+"""Text shards (`txt` members) → padded token batches for the `lm` stage.
+
+Batch legend: B = batch_size rows, L = the longest row of the batch (≤ seq_len).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mm_llama.data.pipeline import BadSample, ShardSamples, expand_shards, iterate_batches
+from mm_llama.errors import ConfigError, InputError
+from mm_llama.tokenizer import Tokenizer
+
+__all__ = ["TextBatches", "TextDataConfig", "decode_text"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class TextDataConfig:
+    """The `data:` section of a text stage.
+
+    Args:
+        shards: a brace pattern (`data/text-{000000..000003}.tar`), a directory (all its `*.tar`, sorted) or a `.txt`
+            file listing one shard per line.
+        tokenizer: path of the tokenizer.model (tiktoken ranks).
+        seq_len: most tokens per row, `<|begin_of_text|>` and `<|end_of_text|>` included; longer documents are cut.
+        batch_size: rows per batch on each rank.
+        shuffle_buffer: samples in the shuffle buffer; 0 keeps file order.
+        seed: seeds shard draws and the shuffle buffer; the same config always gives the same batches.
+        resampled: draw shards with replacement, forever (training); false reads each shard of the rank once.
+        num_workers: DataLoader worker processes (0: read in the training process).
+        max_skip_fraction: tolerated fraction of bad samples (see `mm_llama.data.pipeline.SkipCounter`).
+    """
+
+    shards: str
+    tokenizer: str
+    seq_len: int = 256
+    batch_size: int = 8
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    resampled: bool = True
+    num_workers: int = 0
+    max_skip_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("shards", "tokenizer"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                problems.append(f"data.{name} must be a non-empty path, got {getattr(self, name)!r}")
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("shuffle_buffer", 0), ("seed", 0), ("num_workers", 0)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
+                problems.append(f"data.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if not isinstance(self.resampled, bool):
+            problems.append(f"data.resampled must be true or false, got {self.resampled!r}")
+        f = self.max_skip_fraction
+        if not isinstance(f, int | float) or isinstance(f, bool) or not 0 <= f <= 1:
+            problems.append(f"data.max_skip_fraction must be a number in [0, 1], got {f!r}")
+        if problems:  # seq_len >= 2 leaves room for <|begin_of_text|> and <|end_of_text|>
+            raise ConfigError("invalid TextDataConfig: " + "; ".join(problems))
+
+
+def decode_text(sample: dict) -> str:
+    """The `txt` member of a webdataset sample as text.
+
+    Args:
+        sample: {"__key__", "__url__", ext: bytes}.
+    Returns:
+        the text; `BadSample` when there is no `txt` member or it is not UTF-8 (the pipeline skips and counts it).
+    """
+    data = sample.get("txt")
+    if data is None:
+        members = sorted(k for k in sample if not k.startswith("__"))
+        raise BadSample(f"sample {sample['__key__']} has no 'txt' member (it has {members})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample(f"sample {sample['__key__']}: 'txt' is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+class _TokenRow:
+    """text → [bos] + ids + [eos], cut to seq_len (a picklable callable for DataLoader workers)."""
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+
+    def __call__(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=True, eos=True)[: self.seq_len]
+
+
+class _PadRows:
+    """Token rows → right-padded tokens (B, L) and mask (B, L), True on real tokens."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[list[int]]) -> dict:
+        lengths = torch.tensor([len(r) for r in rows])
+        tokens = torch.full((len(rows), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, L)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]  # (B, L)
+        return {"tokens": tokens, "mask": mask}
+
+
+class TextBatches:
+    """Token batches of one data-parallel rank, deterministic and resumable at any batch.
+
+    Args:
+        config: the data section.
+        rank, world_size: this process among the data-parallel ranks; each rank reads different shards.
+    """
+
+    def __init__(self, config: TextDataConfig, *, rank: int = 0, world_size: int = 1):
+        if not (_is_int(rank) and _is_int(world_size) and 0 <= rank < world_size):
+            raise InputError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
+        self.config = config
+        self.tokenizer = Tokenizer.from_file(config.tokenizer)
+        self.shards = expand_shards(config.shards)
+        self._samples = ShardSamples(
+            self.shards, decode=decode_text, prepare=_TokenRow(self.tokenizer, config.seq_len), rank=rank,
+            world_size=world_size, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+            resampled=config.resampled, max_skip_fraction=config.max_skip_fraction)
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """Batches from batch `start` on (what a fresh call yields from its `start`-th batch, exactly).
+
+        Args:
+            start: index of the first batch; training passes its data position to resume.
+        Returns:
+            an iterator (endless when `resampled`) of {"tokens": LongTensor (B, L), "mask": BoolTensor (B, L),
+            "skipped": bad samples since the previous batch, "samples": B}. Rows are `[bos] + ids + [eos]` cut to
+            seq_len and right-padded with the tokenizer's pad id. `DataError` when too many samples are bad.
+        """
+        collate = _PadRows(self.tokenizer.pad_id)
+        return iterate_batches(self._samples, batch_size=self.config.batch_size, collate=collate,
+                               num_workers=self.config.num_workers, start=start)
