@@ -2,6 +2,9 @@
 
     mm-llama ask --checkpoint DIR "question"          # chat-formatted, answer streamed to stdout
     mm-llama convert --input DIR --output DIR [--to meta|hf|ours] [--shards N]
+    mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
+    mm-llama data synth --kind text --out DIR --n N
+    mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
 
 Errors a user can cause are `MMLlamaError`s: printed as one line on stderr, exit status 2, no traceback.
 """
@@ -72,6 +75,26 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {written} checkpoint to {args.output}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from mm_llama.train import run_stage
+
+    run_stage(args.stage, args.config, args.overrides, args.resume)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    if args.data_command == "synth":
+        if args.kind != "text":
+            raise InputError(f"data synth --kind {args.kind}: only 'text' exists so far")
+        from mm_llama.data.synth_text import synth_text
+
+        shards = synth_text(Path(args.out), args.n, seed=args.seed, shard_size=args.shard_size)
+    else:
+        from mm_llama.data.pack import pack
+
+        shards = pack(args.kind, Path(args.input), Path(args.out), shard_size=args.shard_size)
+    print(f"wrote {len(shards)} shard(s) to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mm-llama", description="Llama 3 with eyes, ears and a voice.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,11 +121,38 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output format (default: hf for a Meta input, meta otherwise)")
     convert.add_argument("--shards", type=int, default=1, help="model-parallel shards for Meta output")
     convert.set_defaults(func=cmd_convert)
+
+    train = sub.add_parser("train", help="train a stage (torchrun-launchable)",
+                           description="Any further --section.key=value overrides the YAML config.")
+    train.add_argument("stage", help="lm")
+    train.add_argument("--config", help="stage YAML (configs/...)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of train.out_dir")
+    train.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="write webdataset shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="generate shapes-world shards")
+    synth.add_argument("--kind", required=True, choices=["text", "image", "video", "speech", "tts"])
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--n", type=int, required=True, help="number of samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shard-size", type=int, default=1000)
+    pack = data_sub.add_parser("pack", help="pack a JSONL list of texts and files into shards")
+    pack.add_argument("--kind", required=True, choices=["text", "image", "video", "speech"])
+    pack.add_argument("--input", required=True, help="JSONL, one sample per line")
+    pack.add_argument("--out", required=True)
+    pack.add_argument("--shard-size", type=int, default=1000)
+    data.set_defaults(func=cmd_data)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = rest  # --section.key=value pairs, checked against the stage's config
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.func(args)
     except MMLlamaError as e:

@@ -1,0 +1,14 @@
+"""Training: the shared loop (`loop.py`), checkpoints, distributed set-up, and one short script per stage."""
+
+STAGES = ("lm",)  # vision-pretrain, image-adapter, video-adapter, speech-pretrain, speech-adapter, tts: later issues
+
+
+def run_stage(name: str, config_path: str | None, overrides: list[str], resume: bool):
+    """Run stage `name` (explicit dispatch: no registry filled by imports)."""
+    from mm_llama.errors import ConfigError
+
+    if name == "lm":
+        from mm_llama.train.lm import main
+    else:
+        raise ConfigError(f"unknown training stage {name!r}; available: {', '.join(STAGES)}")
+    return main(config_path, overrides, resume)

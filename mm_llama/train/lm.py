@@ -1,0 +1,96 @@
+"""Stage `lm`: train a trunk from scratch on text shards (next-token loss).
+
+Real Llama weights cannot be downloaded here, so the demo world and the tests train a small trunk of their own:
+
+    mm-llama data synth --kind text --out data/demo/text --n 20000
+    mm-llama train lm --config configs/demo/lm.yaml [--train.steps=500 ...] [--resume]
+
+Each checkpoint directory is a trunk in mm-llama's format (plus its tokenizer.model): `Llama.from_pretrained(dir)`
+and `mm-llama ask --checkpoint dir` use it directly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm_llama.checkpoints.ours import read_ours_trunk, write_ours
+from mm_llama.config import load_config, to_yaml
+from mm_llama.data.text import TextBatches, TextDataConfig
+from mm_llama.errors import ConfigError
+from mm_llama.llama import Llama, LlamaConfig
+from mm_llama.train.distributed import Runtime
+from mm_llama.train.loop import TrainConfig, TrainResult, train
+
+
+@dataclass
+class LMStageConfig:
+    model: LlamaConfig
+    data: TextDataConfig
+    train: TrainConfig
+
+
+class LMStage:
+    name = "lm"
+
+    def __init__(self, config: LMStageConfig):
+        self.config = config
+        self.tokenizer_path = Path(config.data.tokenizer)
+        from mm_llama.tokenizer import Tokenizer
+
+        n_words = Tokenizer.from_file(self.tokenizer_path).n_words
+        if config.model.vocab_size != n_words:
+            raise ConfigError(f"model.vocab_size {config.model.vocab_size} differs from the {n_words} tokens of "
+                              f"{self.tokenizer_path}; set --model.vocab_size={n_words}")
+
+    def build(self, runtime: Runtime) -> nn.Module:
+        with torch.device(runtime.device):
+            model = Llama(self.config.model)
+        model.init_weights()
+        return model
+
+    def blocks(self, model: Llama) -> list[nn.Module]:
+        return list(model.layers)
+
+    def batches(self, runtime: Runtime, start: int) -> Iterator[dict]:
+        source = TextBatches(self.config.data, rank=runtime.rank, world_size=runtime.world_size)
+        for batch in source.batches(start):
+            yield {**batch, "tokens": batch["tokens"].to(runtime.device), "mask": batch["mask"].to(runtime.device)}
+
+    def n_targets(self, batch: dict) -> int:
+        return int(batch["mask"][:, 1:].sum())
+
+    def loss(self, model: Llama, batch: dict) -> torch.Tensor:
+        tokens, mask = batch["tokens"], batch["mask"]
+        logits = model(tokens[:, :-1])  # (B, T-1, V) fp32; right padding never reaches real positions (causal)
+        targets = tokens[:, 1:].masked_fill(~mask[:, 1:], -100)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+    def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
+        write_ours(out, trunk={"config": self.config.model.to_dict()}, trunk_weights=trainable)
+        shutil.copy2(self.tokenizer_path, out / "tokenizer.model")
+
+    def load(self, ckpt: Path) -> dict[str, torch.Tensor]:
+        _, state = read_ours_trunk(ckpt)
+        return state
+
+
+def main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False) -> TrainResult:
+    config = load_config(LMStageConfig, config_path, overrides)
+    text = to_yaml(config)
+    stage = LMStage(config)
+    from mm_llama.train.distributed import init_runtime
+
+    runtime = init_runtime(config.train.device)
+    if runtime.is_main:
+        print(text, flush=True)
+    result = train(stage, config.train, config_yaml=text, resume=resume, runtime=runtime)
+    if runtime.is_main and result.last_checkpoint is not None:
+        print(f"trunk checkpoint: {result.last_checkpoint} (Llama.from_pretrained or mm-llama ask --checkpoint)")
+    return result

@@ -1,0 +1,294 @@
+"""The training loop every stage shares.
+
+A stage (see `Stage`) says what model to build, which of its parameters train, where batches come from and what the
+loss is; this loop does the rest: devices and FSDP2, precision, AdamW with warm-up + cosine, gradient accumulation and
+clipping, the non-finite guard, logging, atomic checkpoints every N steps and on SIGTERM/SIGINT, and exact resume.
+
+Precision: on a GPU, parameters, gradients and optimizer state stay fp32 (the master copy, and fp32 gradient
+accumulation: the paper found bf16 accumulation unstable) while the forward/backward compute runs in bf16 (autocast
+in one process; FSDP2's mixed-precision policy under torchrun). On the CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+
+from mm_llama.errors import ConfigError, TrainingError
+from mm_llama.train.checkpoint import (
+    TRAIN_STATE,
+    latest_checkpoint,
+    list_checkpoints,
+    load_train_state,
+    rng_states,
+    set_rng_states,
+    write_checkpoint_dir,
+)
+from mm_llama.train.distributed import Runtime, init_runtime, prepare_model
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` section of every stage's YAML."""
+
+    out_dir: str = "runs/train"
+    steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # matrices only; norms, biases and gates are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size x ranks x grad_accum)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False  # FSDP2 CPU offload of parameters, gradients and optimizer state (torchrun only)
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "grad_accum", "log_every", "checkpoint_every")
+        bad = [f"{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            bad.append(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.grad_clip <= 0 or self.keep_checkpoints < 1:
+            bad.append("warmup_steps must be >= 0, grad_clip > 0, keep_checkpoints >= 1")
+        if bad:
+            raise ConfigError("invalid train config: " + "; ".join(bad))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warm-up, then cosine down to lr * min_lr_ratio."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Stage(Protocol):
+    """What a training stage provides to the loop (each stage script implements it in ~100 lines)."""
+
+    name: str
+
+    def build(self, runtime: Runtime) -> nn.Module:
+        """The whole model on `runtime.device`, fp32, with frozen parts already `requires_grad_(False)`."""
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """Units for FSDP sharding, activation checkpointing and compilation (e.g. transformer layers)."""
+
+    def batches(self, runtime: Runtime, start: int) -> Iterator[dict]:
+        """This rank's batches from batch number `start` on, deterministically (exact resume)."""
+
+    def n_targets(self, batch: dict) -> int:
+        """Tokens (or items) the loss of `batch` sums over."""
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """fp32 scalar: the loss *summed* over the batch's targets (the loop normalises over the global batch)."""
+
+    def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
+        """Write the trained weights (full tensors, by parameter name) into `out` in mm-llama's format."""
+
+    def load(self, ckpt: Path) -> dict[str, torch.Tensor]:
+        """Read back what `save` wrote, by parameter name."""
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss over the global batch
+    last_step: int = 0
+    stopped_by_signal: bool = False
+    last_checkpoint: Path | None = None
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and stops (all ranks agree)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    if not decay and not no_decay:
+        raise TrainingError("the stage has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda" and not cfg.cpu_offload
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool = False,
+          runtime: Runtime | None = None) -> TrainResult:
+    """Run (or resume) a stage's training. Returns the model and the per-step losses.
+
+    Args:
+        config_yaml: the resolved run config, saved beside the log and in every checkpoint.
+        resume: continue from the latest checkpoint in `cfg.out_dir` (model, optimizer, step, data position, RNG).
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    runtime = runtime or init_runtime(cfg.device)
+    run_dir = Path(cfg.out_dir)
+    previous = latest_checkpoint(run_dir)
+    if resume and previous is None:
+        raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
+    if not resume and previous is not None:
+        raise TrainingError(f"{run_dir} already holds checkpoints (latest {previous.name}); pass --resume to continue "
+                            "it or set --train.out_dir to a new directory")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = stage.build(runtime)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and runtime.device.type == "cuda")
+    prepare_model(model, stage.blocks(model), runtime, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
+                  compile=cfg.compile, cpu_offload=cfg.cpu_offload)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(model, cfg, runtime.device)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    step, data_position = 0, 0
+    if resume:
+        state = load_train_state(previous)
+        weights = stage.load(previous)
+        if sorted(weights) != sorted(trainable):
+            raise TrainingError(f"{previous}: its weights {sorted(set(weights) ^ set(trainable))[:5]} do not match "
+                                "this stage's trainable parameters")
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        step, data_position = state["step"], state["data_position"]
+        set_rng_states(state["rng"][runtime.rank])
+
+    def save_checkpoint(at_step: int) -> Path | None:
+        weights = {k: v for k, v in get_model_state_dict(model, options=full).items() if k in trainable}
+        optim_state = get_optimizer_state_dict(model, optimizer, options=full)
+        rngs = [rng_states()]
+        if runtime.distributed:
+            import torch.distributed as dist
+
+            rngs = [None] * runtime.world_size
+            dist.all_gather_object(rngs, rng_states())
+        path = None
+        if runtime.is_main:
+            def write(tmp: Path) -> None:
+                stage.save(weights, tmp)
+                torch.save({"optimizer": optim_state, "step": at_step, "data_position": data_position,
+                            "rng": rngs}, tmp / TRAIN_STATE)
+                (tmp / "config.yaml").write_text(config_yaml)
+
+            path = write_checkpoint_dir(run_dir, at_step, write, cfg.keep_checkpoints)
+        runtime.barrier()
+        return path
+
+    log_file = None
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        log_file = open(run_dir / "log.jsonl", "a")
+        resumed = f"; resumed at step {step}" if resume else ""
+        print(f"[{stage.name}] {len(trainable)} trainable tensors, {sum(p.numel() for p in params):,} trainable "
+              f"parameters (local shard), {runtime.world_size} rank(s), {runtime.device}, "
+              f"{'bf16' if bf16 else 'fp32'} compute{resumed}", flush=True)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and not runtime.distributed
+                else contextlib.nullcontext())
+    result = TrainResult(model=model, last_step=step, last_checkpoint=previous)
+    batches = stage.batches(runtime, data_position)
+    skipped_total = 0
+    from tqdm import tqdm
+
+    progress = tqdm(total=cfg.steps, initial=step, disable=None if runtime.is_main else True, desc=stage.name)
+    try:
+        with _StopRequest() as stop:
+            while step < cfg.steps:
+                step += 1
+                started = time.perf_counter()
+                micro = [next(batches) for _ in range(cfg.grad_accum)]
+                local_targets = sum(stage.n_targets(b) for b in micro)
+                targets, skipped = runtime.all_sum([local_targets, sum(b.get("skipped", 0) for b in micro)])
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+                for batch in micro:
+                    with autocast:
+                        loss = stage.loss(model, batch)
+                    # Mean over the global batch; FSDP averages gradients over ranks, hence the world size.
+                    (loss * (runtime.world_size / max(targets, 1))).backward()
+                    loss_sum += loss.detach().double()
+                mean_loss = runtime.all_sum([loss_sum.item()])[0] / max(targets, 1)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+                    raise TrainingError(f"step {step}: loss {mean_loss} / gradient norm {grad_norm} is not finite; "
+                                        "stopped before the optimizer step (weights are those after step "
+                                        f"{step - 1}; last checkpoint: {result.last_checkpoint or 'none'})")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                data_position += cfg.grad_accum
+                skipped_total += int(skipped)
+                result.losses[step], result.last_step = mean_loss, step
+                elapsed = time.perf_counter() - started
+                progress.update(1)
+                progress.set_postfix(loss=f"{mean_loss:.4f}")
+                if runtime.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+                    record = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_s": targets / elapsed, "samples_skipped": skipped_total}
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    progress.write(f"step {step}: loss {mean_loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "
+                                   f"{targets / elapsed:,.0f} tok/s  skipped {skipped_total}")
+                stopping = runtime.any(stop.requested)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+                    result.last_checkpoint = save_checkpoint(step) or result.last_checkpoint
+                if stopping:
+                    result.stopped_by_signal = True
+                    if runtime.is_main:
+                        progress.write(f"stopped by a signal at step {step}; checkpoint {result.last_checkpoint}")
+                    break
+    finally:
+        progress.close()
+        if log_file is not None:
+            log_file.close()
+    return result
+
+
+def completed_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints of a run (for tools and tests)."""
+    return [s for s, _ in list_checkpoints(Path(run_dir))]

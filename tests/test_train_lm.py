@@ -1,0 +1,206 @@
+"""Stage `lm` on the debug preset (CPU, fp32): loss falls, exact resume, the non-finite guard, atomic checkpoints,
+frozen parameters, SIGTERM, and a trained trunk that loads and generates."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_llama.checkpoints import load_llama
+from mm_llama.config import load_config
+from mm_llama.data.synth_text import synth_text
+from mm_llama.errors import TrainingError
+from mm_llama.generate import Sampling, generate
+from mm_llama.train.checkpoint import latest_checkpoint, list_checkpoints
+from mm_llama.train.lm import LMStage, LMStageConfig
+from mm_llama.train.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo" / "lm.yaml"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("text")
+    synth_text(out, 800, seed=0, shard_size=200)
+    return out
+
+
+def overrides(corpus: Path, run: Path, **train) -> list[str]:
+    """The demo config shrunk to the debug preset: seconds on a CPU."""
+    args = ["--model=debug", f"--data.shards={corpus}", f"--data.tokenizer={corpus / 'tokenizer.model'}",
+            "--data.seq_len=64", "--data.batch_size=8", "--data.num_workers=0", "--data.shuffle_buffer=50",
+            f"--train.out_dir={run}", "--train.steps=30", "--train.lr=3e-3", "--train.warmup_steps=3",
+            "--train.checkpoint_every=10", "--train.log_every=5", "--train.device=cpu"]
+    return args + [f"--train.{k}={v}" for k, v in train.items()]
+
+
+def stage_for(corpus, run, **train) -> LMStage:
+    return LMStage(load_config(LMStageConfig, DEMO_CONFIG, overrides(corpus, run, **train)))
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(stage: LMStage, n_batches: int) -> LMStage:
+    """Make the stage's data source die after `n_batches` (a process that died between steps)."""
+    batches = stage.batches
+
+    def limited(runtime, start):
+        for i, batch in enumerate(batches(runtime, start), start=start):
+            if i >= n_batches:
+                raise Crash(f"killed after {n_batches} batches")
+            yield batch
+
+    stage.batches = limited
+    return stage
+
+
+def test_loss_falls_and_the_trunk_loads_and_generates(corpus, tmp_path):
+    stage = stage_for(corpus, tmp_path / "run")
+    result = train(stage, stage.config.train)
+    first, last = sum(result.losses[s] for s in range(1, 6)) / 5, sum(result.losses[s] for s in range(26, 31)) / 5
+    assert first > 5.5  # ~ln(512) for random init
+    assert last < 0.6 * first, (first, last)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [20, 30]  # the demo config keeps the last 2
+    # The last checkpoint is a trunk on its own: same logits as the trained model, and it answers in ASCII text.
+    trunk = load_llama(latest_checkpoint(tmp_path / "run"), dtype=torch.float32)
+    tokens = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(trunk(tokens), result.model(tokens))
+    from mm_llama.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(latest_checkpoint(tmp_path / "run") / "tokenizer.model")
+    out = generate(trunk, [tok.encode("The red circle", bos=True, eos=False)], Sampling(max_new_tokens=30))[0]
+    assert all(32 <= t < 127 or t in (10, tok.eos_id) for t in out), tok.decode(out)
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 6 and '"samples_skipped": 0' in log[-1] and '"tokens_per_s"' in log[-1]
+
+
+def test_resume_gives_the_same_losses(corpus, tmp_path):
+    full = train(s := stage_for(corpus, tmp_path / "full", steps=20, grad_accum=2), s.config.train)
+    crashed = crash_after(stage_for(corpus, tmp_path / "part", steps=20, grad_accum=2), n_batches=2 * 13)
+    with pytest.raises(Crash):
+        train(crashed, crashed.config.train)
+    assert [s for s, _ in list_checkpoints(tmp_path / "part")] == [10]  # steps 11-13 were lost with the process
+    resumed = train(s := stage_for(corpus, tmp_path / "part", steps=20, grad_accum=2), s.config.train, resume=True)
+    assert sorted(resumed.losses) == list(range(11, 21))
+    for step in range(11, 21):
+        assert abs(resumed.losses[step] - full.losses[step]) <= 1e-5, step
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_resume_and_fresh_start_guard_the_run_directory(corpus, tmp_path):
+    stage = stage_for(corpus, tmp_path / "run", steps=10)
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(stage, stage.config.train, resume=True)
+    train(stage, stage.config.train)
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        train(stage_for(corpus, tmp_path / "run", steps=10), stage.config.train)
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(corpus, tmp_path):
+    stage = stage_for(corpus, tmp_path / "run", checkpoint_every=4)
+    built, loss, calls = [], stage.loss, [0]
+
+    def build(runtime):
+        built.append(LMStage.build(stage, runtime))
+        return built[0]
+
+    def poisoned(model, batch):
+        calls[0] += 1
+        value = loss(model, batch)
+        return value * float("nan") if calls[0] == 5 else value
+
+    stage.build, stage.loss = build, poisoned
+    with pytest.raises(TrainingError, match=r"step 5: loss nan .* stopped before the optimizer step"):
+        train(stage, stage.config.train)
+    after_step_4 = load_llama(tmp_path / "run" / "checkpoints" / "step_00000004", dtype=torch.float32).state_dict()
+    for name, value in built[0].state_dict().items():
+        assert torch.equal(value, after_step_4[name]), name
+
+
+def test_frozen_parameters_stay_bit_identical(corpus, tmp_path):
+    stage = stage_for(corpus, tmp_path / "run", steps=5)
+    build = stage.build
+
+    def build_partly_frozen(runtime):
+        model = build(runtime)
+        model.layers[0].requires_grad_(False)
+        model.tok_embeddings.requires_grad_(False)
+        return model
+
+    stage.build = build_partly_frozen
+    result = train(stage, stage.config.train)
+    from mm_llama.train.distributed import init_runtime
+
+    torch.manual_seed(stage.config.train.seed)  # the loop's seed: the same initial weights
+    reference = build(init_runtime("cpu")).state_dict()
+    trained = result.model.state_dict()
+    for name in trained:
+        frozen = name.startswith(("layers.0.", "tok_embeddings."))
+        assert torch.equal(trained[name], reference[name]) == frozen, name
+
+
+CRASHING_WRITER = """
+import sys, time
+import mm_llama.train.lm as lm
+real = lm.write_ours
+calls = [0]
+def slow_write(out, **kw):
+    calls[0] += 1
+    real(out, **kw)
+    if calls[0] == 2:  # the second checkpoint: files half written, then the process hangs until it is killed
+        (out / "WRITING").write_text("x")
+        time.sleep(120)
+lm.write_ours = slow_write
+lm.main(sys.argv[1], sys.argv[2:])
+"""
+
+
+def test_kill_during_checkpoint_writing_leaves_the_previous_checkpoint_usable(corpus, tmp_path):
+    run = tmp_path / "run"
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(CRASHING_WRITER))
+    child = subprocess.Popen([sys.executable, str(script), str(DEMO_CONFIG), *overrides(corpus, run, steps=20)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((run / "checkpoints").glob(".tmp-step_00000020-*/WRITING")) and time.time() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    leftovers = list((run / "checkpoints").glob(".tmp-step_00000020-*"))
+    assert leftovers and (leftovers[0] / "trunk.safetensors").is_file()  # killed mid-write: a partial directory
+    assert latest_checkpoint(run).name == "step_00000010"  # ... that nothing mistakes for a checkpoint
+    assert load_llama(latest_checkpoint(run), dtype=torch.float32).config.vocab_size == 512
+    resumed = train(s := stage_for(corpus, run, steps=20), s.config.train, resume=True)
+    full = train(s := stage_for(corpus, tmp_path / "full", steps=20), s.config.train)
+    assert all(abs(resumed.losses[k] - full.losses[k]) <= 1e-5 for k in range(11, 21))
+
+
+def test_sigterm_checkpoints_and_stops(corpus, tmp_path):
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-m", "mm_llama.cli", "train", "lm", "--config", str(DEMO_CONFIG),
+                              *overrides(corpus, run, steps=100000, log_every=1, checkpoint_every=100000)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in child.stdout:
+        lines.append(line)
+        if line.startswith("step 3:"):
+            child.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + child.communicate(timeout=120)[0]
+    assert child.returncode == 0, output
+    stopped = [line for line in output.splitlines() if line.startswith("stopped by a signal at step")]
+    assert stopped, output
+    step = int(stopped[0].split("step ")[1].split(";")[0])
+    assert step >= 3 and latest_checkpoint(run).name == f"step_{step:08d}"
