@@ -204,3 +204,23 @@ def test_sigterm_checkpoints_and_stops(corpus, tmp_path):
     assert stopped, output
     step = int(stopped[0].split("step ")[1].split(";")[0])
     assert step >= 3 and latest_checkpoint(run).name == f"step_{step:08d}"
+
+
+def test_command_line_synth_train_ask(tmp_path):
+    """The documented path: data synth, train lm with overrides, then ask the trained trunk."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mm_llama.cli", *args], capture_output=True, text=True,
+                              cwd=REPO, timeout=300, env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+
+    data = tmp_path / "text"
+    result = cli("data", "synth", "--kind", "text", "--out", str(data), "--n", "300", "--shard-size", "100")
+    assert result.returncode == 0 and "wrote 3 shard(s)" in result.stdout, result.stderr
+    result = cli("train", "lm", "--config", str(DEMO_CONFIG), *overrides(data, tmp_path / "run", steps=4))
+    assert result.returncode == 0, result.stderr
+    assert "model:" in result.stdout and "trunk checkpoint:" in result.stdout  # resolved config printed first
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert "steps: 4" in (ckpt / "config.yaml").read_text()
+    result = cli("ask", "--checkpoint", str(ckpt), "--max-new-tokens", "5", "Which shape is red?")
+    assert result.returncode == 0 and len(result.stdout) > 1, result.stderr
+    result = cli("train", "lm", "--config", str(DEMO_CONFIG), "--train.stepz=4")
+    assert result.returncode == 2 and "train.stepz" in result.stderr and "Traceback" not in result.stderr
