@@ -224,7 +224,7 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
         log_file = open(run_dir / "log.jsonl", "a")
         resumed = f"; resumed at step {step}" if resume else ""
         print(f"[{stage.name}] {len(trainable)} trainable tensors, {sum(p.numel() for p in params):,} trainable "
-              f"parameters (local shard), {runtime.world_size} rank(s), {runtime.device}, "
+              f"parameters, {runtime.world_size} rank(s), {runtime.device}, "
               f"{'bf16' if bf16 else 'fp32'} compute{resumed}", flush=True)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and not runtime.distributed
                 else contextlib.nullcontext())

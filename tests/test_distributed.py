@@ -1,0 +1,64 @@
+"""FSDP2 under torchrun, on the CPU (gloo): two processes train exactly like one with the same global batch, and a
+sharded run resumes exactly. (The GPU figures of the same code are in benchmarks/train_lm.py.)"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mm_llama.data.pack import pack
+from mm_llama.tokenizer import write_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def repeated_corpus(tmp_path_factory) -> Path:
+    """Every document the same: ranks read different shards, so only then are the global batches identical."""
+    root = tmp_path_factory.mktemp("fsdp")
+    doc = "The red circle is left of the blue square. There are two green triangles. " * 3
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for _ in range(64)))
+    pack("text", root / "docs.jsonl", root / "corpus", shard_size=16)
+    write_ranks(root / "corpus" / "tokenizer.model", {bytes([i]): i for i in range(256)})
+    return root / "corpus"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, corpus: Path, run: Path, *extra: str) -> dict[int, float]:
+    """Train the debug trunk with n CPU processes (global batch 4); returns step -> loss from the run's log."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "mm_llama.cli", "train", "lm", "--config", str(REPO / "configs" / "demo" / "lm.yaml"),
+               "--model=debug", f"--data.shards={corpus}", f"--data.tokenizer={corpus / 'tokenizer.model'}",
+               "--data.seq_len=64", f"--data.batch_size={4 // n}", "--data.num_workers=0", f"--train.out_dir={run}",
+               "--train.steps=6", "--train.lr=3e-3", "--train.warmup_steps=2", "--train.log_every=1",
+               "--train.checkpoint_every=3", "--train.device=cpu", *extra]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO,
+                            env=os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{n} rank(s)" in result.stdout
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+
+
+def test_two_processes_train_like_one_and_resume_exactly(repeated_corpus, tmp_path):
+    one = torchrun(1, repeated_corpus, tmp_path / "one")
+    two = torchrun(2, repeated_corpus, tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    assert one[6] < one[1] - 0.5  # it learns
+    assert all(abs(one[s] - two[s]) <= 1e-5 for s in one), (one, two)
+    # Lose the last checkpoint, resume the sharded run from step 3: steps 4-6 come out the same.
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step_00000006")
+    (tmp_path / "two" / "log.jsonl").unlink()
+    resumed = torchrun(2, repeated_corpus, tmp_path / "two", "--resume")
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(abs(resumed[s] - two[s]) <= 1e-5 for s in resumed), (resumed, two)
