@@ -1,0 +1,82 @@
+"""`MMLlama`: the frozen trunk composed with its extensions. It owns the layer loop (STYLE rule 4): it iterates the
+trunk's layers itself and runs each cross-attention block just before the trunk layer it is scheduled for; nothing
+inside the trunk is wrapped, hooked or patched.
+
+Text-only input skips the cross-attention blocks entirely, so its logits are bit-identical to the trunk's.
+
+Shapes: B batch, T text positions, N vision tokens, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters.cross_attention import CrossAttentionConfig, ImageAdapter
+from adapters.media_tokens import N_MEDIA_ROWS, MediaTokenEmbedding
+from mm_llama.errors import InputError
+from mm_llama.llama import KVCacheLike, Llama
+
+CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class MMLlama(nn.Module):
+    """Trunk + media-token rows + (optionally) an image adapter fed by projected vision tokens.
+
+    Args:
+        trunk: the Llama 3 trunk (frozen in every stage but `lm`).
+        image_adapter: gated cross-attention blocks, or None for a text-only model.
+    """
+
+    def __init__(self, trunk: Llama, *, image_adapter: ImageAdapter | None = None):
+        super().__init__()
+        self.trunk = trunk
+        self.media = MediaTokenEmbedding(trunk.config.dim, trunk.config.vocab_size)
+        self.image_adapter = image_adapter
+
+    @classmethod
+    def with_image_adapter(cls, trunk: Llama, config: CrossAttentionConfig) -> "MMLlama":
+        return cls(trunk, image_adapter=ImageAdapter(trunk.config, config))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids, media ids included -> (B, T, D)."""
+        limit = self.trunk.config.vocab_size + N_MEDIA_ROWS
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= limit):
+            raise InputError(f"token ids must be in [0, {limit}): got {int(tokens.min())}..{int(tokens.max())}")
+        return self.media(tokens, self.trunk.tok_embeddings)
+
+    def cross_kv(self, vision: torch.Tensor) -> CrossKV:
+        """Keys/values of every cross-attention block for projected vision tokens (B, N, D): computed once per
+        request and reused at every decode step."""
+        if self.image_adapter is None:
+            raise InputError("this model has no image adapter: it answers text only")
+        return self.image_adapter.kv(vision)
+
+    def forward(self, tokens: torch.Tensor, *, cross_kv: CrossKV | None = None, cross_mask: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: KVCacheLike | None = None,
+                cache_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits for `tokens` (B, T), attending to the images behind `cross_kv` where `cross_mask` allows.
+
+        Args:
+            cross_kv: from `cross_kv(vision)`; None for text-only input (the cross blocks are skipped).
+            cross_mask, rows: from `adapters.cross_attention.cross_attention_mask`, (B, 1, T, N) and (B, T, 1).
+            positions, mask, cache, cache_pos, last_only: as for `Llama.forward`.
+        Returns:
+            (B, T, V) fp32 logits.
+        """
+        if cache is not None and (mask is None or cache_pos is None):
+            raise ValueError("a KV cache needs an explicit mask and cache_pos (see generate.py)")
+        if cross_kv is not None and (cross_mask is None or rows is None):
+            raise ValueError("cross_kv needs cross_mask and rows")
+        h = self.embed(tokens)
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        rope = self.trunk.rope(positions)
+        before = self.image_adapter.block_before() if cross_kv is not None else {}
+        for i, layer in enumerate(self.trunk.layers):
+            if i in before:
+                j = before[i]
+                h = self.image_adapter.cross_attention_layers[j](h, cross_kv[j], cross_mask, rows)
+            h = layer(h, rope, mask, cache, cache_pos)
+        return self.trunk.head(h[:, -1:] if last_only else h)
