@@ -9,15 +9,27 @@ Shapes: B batch, T text positions, N vision tokens, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from adapters.cross_attention import CrossAttentionConfig, ImageAdapter
+from adapters.cross_attention import CrossAttentionConfig, ImageAdapter, cross_attention_mask
 from adapters.media_tokens import N_MEDIA_ROWS, MediaTokenEmbedding
 from mm_llama.errors import InputError
 from mm_llama.llama import KVCacheLike, Llama
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class VisionInputs:
+    """The images of a batch, already encoded and projected to the trunk's width."""
+
+    tokens: torch.Tensor  # (B, N, D), N = image slots x tiles x tokens_per_tile
+    tile_mask: torch.Tensor  # (B, I, Tiles) bool, True for real tiles of real images
+    n_images: list[int]  # images per sample (the rest of the I slots are padding)
+    tokens_per_tile: int
 
 
 class MMLlama(nn.Module):
@@ -33,6 +45,7 @@ class MMLlama(nn.Module):
         self.trunk = trunk
         self.media = MediaTokenEmbedding(trunk.config.dim, trunk.config.vocab_size)
         self.image_adapter = image_adapter
+        self.image_id = trunk.config.vocab_size  # <|image|>: the first media row (128256 for Llama 3)
 
     @classmethod
     def with_image_adapter(cls, trunk: Llama, config: CrossAttentionConfig) -> "MMLlama":
@@ -51,6 +64,12 @@ class MMLlama(nn.Module):
         if self.image_adapter is None:
             raise InputError("this model has no image adapter: it answers text only")
         return self.image_adapter.kv(vision)
+
+    def cross_inputs(self, tokens: torch.Tensor, vision: VisionInputs) -> dict:
+        """`forward`'s image arguments for `tokens` (B, T): cross-attention K/V, mask and rows."""
+        mask, rows = cross_attention_mask(tokens, self.image_id, vision.n_images, vision.tile_mask,
+                                          vision.tokens_per_tile)
+        return {"cross_kv": self.cross_kv(vision.tokens), "cross_mask": mask, "rows": rows.to(vision.tokens.dtype)}
 
     def forward(self, tokens: torch.Tensor, *, cross_kv: CrossKV | None = None, cross_mask: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
