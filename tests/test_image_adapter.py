@@ -153,3 +153,31 @@ def test_identity_at_zero_gates_and_text_only_bit_identical():
     model.image_adapter.cross_attention_layers[0].gate_attn.data.fill_(0.5)
     with torch.no_grad():
         assert not torch.equal(our_logits(model, tokens, tile_mask, n_images, vision), alone)
+
+
+def test_generation_with_images_batched_equals_alone_and_full_forward():
+    from mm_llama.generate import Generator, Sampling
+    from mm_llama.model import VisionInputs
+
+    hf = tiny_hf_text_model(seed=3)
+    model = ours_from_hf(hf, mask_attention_rows=True)
+    g = torch.Generator().manual_seed(4)
+    prompts = [[5, 6, IMG, 7, 8, 9], [IMG, 11, 12], [13, 14, 15, 16]]  # different lengths, 1, 1 and 0 images
+    vision = torch.randn(3, 1 * TILES * TOKENS_PER_TILE, 64, generator=g)
+    tile_mask = torch.tensor([[[1, 1, 0, 0]], [[1, 1, 1, 1]], [[0, 0, 0, 0]]], dtype=torch.bool)
+    inputs = VisionInputs(vision, tile_mask, [1, 1, 0], TOKENS_PER_TILE)
+    generator = Generator(model)
+    sampling = Sampling(max_new_tokens=12)
+    batched = generator.generate(prompts, sampling, vision=inputs)
+    for b, prompt in enumerate(prompts):
+        alone = VisionInputs(vision[b:b + 1], tile_mask[b:b + 1], [inputs.n_images[b]], TOKENS_PER_TILE)
+        assert generator.generate([prompt], sampling, vision=alone)[0] == batched[b]
+        # And each new token is the argmax of a full forward over the whole sequence so far.
+        sequence = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                tokens = torch.tensor([sequence])
+                cross = model.cross_inputs(tokens, alone)
+                sequence.append(model(tokens, **cross)[0, -1].argmax().item())
+        assert sequence[len(prompt):] == batched[b], b
+    assert len({tuple(t) for t in batched}) == 3
