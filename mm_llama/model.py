@@ -33,23 +33,47 @@ class VisionInputs:
 
 
 class MMLlama(nn.Module):
-    """Trunk + media-token rows + (optionally) an image adapter fed by projected vision tokens.
+    """Trunk + media-token rows + (optionally) an image encoder, its projection and the image adapter.
 
     Args:
         trunk: the Llama 3 trunk (frozen in every stage but `lm`).
+        vision: the tiled ViT (`encoders.vision.VisionEncoder`), or None.
         image_adapter: gated cross-attention blocks, or None for a text-only model.
     """
 
-    def __init__(self, trunk: Llama, *, image_adapter: ImageAdapter | None = None):
+    def __init__(self, trunk: Llama, *, vision: nn.Module | None = None, image_adapter: ImageAdapter | None = None):
         super().__init__()
         self.trunk = trunk
         self.media = MediaTokenEmbedding(trunk.config.dim, trunk.config.vocab_size)
+        self.vision = vision
+        # Multi-layer ViT features (7680-d for ViT-H) -> the trunk's width, with a bias (Llama 3.2's projection).
+        self.vision_projection = nn.Linear(vision.config.output_dim, trunk.config.dim) if vision is not None else None
         self.image_adapter = image_adapter
         self.image_id = trunk.config.vocab_size  # <|image|>: the first media row (128256 for Llama 3)
+        # HF transformers' reading of a padding image (tile 0 real in the encoder's mask); it only matters with
+        # hf_compat rows, where text without an image attends to every vision token, padding included.
+        self.hf_padding_images = False
 
     @classmethod
-    def with_image_adapter(cls, trunk: Llama, config: CrossAttentionConfig) -> "MMLlama":
-        return cls(trunk, image_adapter=ImageAdapter(trunk.config, config))
+    def with_image_adapter(cls, trunk: Llama, config: CrossAttentionConfig, vision: nn.Module | None = None
+                           ) -> "MMLlama":
+        return cls(trunk, vision=vision, image_adapter=ImageAdapter(trunk.config, config))
+
+    def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                      n_images: list[int]) -> VisionInputs:
+        """Tiled images (B, I, Tiles, 3, S, S) with their ratio ids (B, I) -> projected vision tokens and masks."""
+        from encoders.vision import tile_mask_from_ids
+
+        if self.vision is None:
+            raise InputError("this model has no image encoder")
+        tile_mask = tile_mask_from_ids(aspect_ratio_ids, pixel_values.shape[2])  # (B, I, Tiles)
+        encoder_mask = tile_mask.clone()
+        if self.hf_padding_images:
+            encoder_mask[..., 0] |= aspect_ratio_ids == 0
+        features = self.vision(pixel_values, aspect_ratio_ids, encoder_mask)  # (B, I, Tiles, L, F)
+        B, n_slots, n_tiles, L, _ = features.shape
+        tokens = self.vision_projection(features).reshape(B, n_slots * n_tiles * L, -1)  # (B, N, D)
+        return VisionInputs(tokens, tile_mask, list(n_images), L)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) ids, media ids included -> (B, T, D)."""

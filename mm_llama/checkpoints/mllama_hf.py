@@ -103,3 +103,20 @@ def text_state_to_hf(state: dict[str, torch.Tensor], config: LlamaConfig, schedu
             value = permute_rope(value, config.n_kv_heads)
         out[f"{prefix}layers.{at[int(m.group(2))]}.{suffix}"] = value
     return out
+
+
+def mmllama_state_from_hf(hf: dict[str, torch.Tensor], config: LlamaConfig, vision_config, schedule: list[int]
+                          ) -> dict[str, torch.Tensor]:
+    """A whole `MllamaForConditionalGeneration` state dict (runtime names, transformers >= 4.52) -> MMLlama's."""
+    from encoders.vision_hf import vision_state_from_hf
+
+    vision = vision_state_from_hf(hf, vision_config, prefix="model.vision_model.")
+    out = {f"vision.{k}": v for k, v in vision.items()}
+    out["vision_projection.weight"] = hf["model.multi_modal_projector.weight"]
+    out["vision_projection.bias"] = hf["model.multi_modal_projector.bias"]
+    text = {k: v for k, v in hf.items() if k.startswith("model.language_model.") or k == "lm_head.weight"}
+    out |= text_state_from_hf(text, config, schedule, prefix="model.language_model.")
+    known = set(text) | {k for k in hf if k.startswith(("model.vision_model.", "model.multi_modal_projector."))}
+    if unknown := sorted(set(hf) - known):
+        raise CheckpointError(f"unexpected Mllama tensors {unknown[:5]}")
+    return out

@@ -1,0 +1,120 @@
+"""The whole image path against transformers' MllamaForConditionalGeneration on a random tiny config with every gate
+non-zero: the same weights, pixels and prompts give the same logits in HF-compatible mode, and the two documented
+switches (intermediate features, attention-row mask) are what separates Meta's semantics from HF's."""
+
+import pytest
+import torch
+
+from adapters.cross_attention import CrossAttentionConfig, image_spans
+from conftest import randomize_
+from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images
+from encoders.vision import VisionEncoder
+from encoders.vision_hf import vision_config_from_hf, vision_state_to_hf
+from mm_llama.checkpoints.mllama_hf import mmllama_state_from_hf
+from mm_llama.llama import Llama, LlamaConfig
+from mm_llama.model import MMLlama
+
+IMG, TILE = 300, 28
+
+
+def tiny_mllama(seed=0):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    vision = dict(hidden_size=32, num_hidden_layers=4, num_global_layers=2, attention_heads=4, intermediate_size=64,
+                  image_size=TILE, patch_size=14, max_num_tiles=4, intermediate_layers_indices=[1, 3],
+                  vision_output_dim=96, num_channels=3)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1, 4], rms_norm_eps=1e-5, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMG)
+    torch.manual_seed(seed)
+    model = randomize_(MllamaForConditionalGeneration(config), seed).eval()
+    with torch.no_grad():  # every gate non-zero
+        gates = [p for n, p in model.named_parameters() if "gate" in n and p.numel() == 1]
+        for i, p in enumerate(gates):
+            p.fill_(0.9 if i % 2 else -0.7)
+        # HF stores the tile embeddings precomputed per aspect ratio; checkpoints converted from Meta's [4, 4, ...]
+        # grids are consistent tables, random ones are not. Take the tables of a random grid.
+        vision_config = vision_config_from_hf(config.vision_config.to_dict())
+        grid = randomize_(VisionEncoder(vision_config), seed + 1).state_dict()
+        tables = vision_state_to_hf(grid, vision_config, prefix="model.vision_model.")
+        tile_tables = ("gated_positional_embedding.tile_embedding.weight",
+                       "pre_tile_positional_embedding.embedding.weight",
+                       "post_tile_positional_embedding.embedding.weight")
+        for key in tile_tables:
+            model.get_parameter("model.vision_model." + key).copy_(tables["model.vision_model." + key])
+    return model, config
+
+
+def ours(hf, config, *, hf_compat: bool) -> MMLlama:
+    trunk = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16,
+                        ffn_dim_multiplier=176 / 170, norm_eps=1e-5)
+    vision_config = vision_config_from_hf(config.vision_config.to_dict(),
+                                          intermediate_mode="output" if hf_compat else "input")
+    model = MMLlama.with_image_adapter(Llama(trunk), CrossAttentionConfig(n_layers=2,
+                                                                          mask_attention_rows=not hf_compat),
+                                       vision=VisionEncoder(vision_config))
+    model.load_state_dict(mmllama_state_from_hf(hf.state_dict(), trunk, vision_config, model.image_adapter.schedule))
+    model.hf_padding_images = hf_compat
+    return model.eval()
+
+
+def inputs():
+    """Two samples: a chat prompt with text before one 4-tile image; two images (one with a padded tile slot)."""
+    g = torch.Generator().manual_seed(5)
+    transform = ImageTransform(ImageTransformConfig(tile_size=TILE, max_tiles=4))
+    images = [[transform(torch.randint(0, 256, (50, 60, 3), dtype=torch.uint8, generator=g).numpy())],
+              [transform(torch.randint(0, 256, (20, 60, 3), dtype=torch.uint8, generator=g).numpy()),
+               transform(torch.randint(0, 256, (30, 30, 3), dtype=torch.uint8, generator=g).numpy())]]
+    batch = collate_images(images)
+    tokens = torch.randint(3, 300, (2, 20), generator=g)
+    tokens[0, 5], tokens[1, 2], tokens[1, 12] = IMG, IMG, IMG
+    return tokens, batch
+
+
+def hf_logits(hf, tokens, batch):
+    n_tiles = batch["tile_mask"].sum(-1)
+    dense = torch.zeros(2, tokens.shape[1], 2, 4, dtype=torch.long)
+    for b, row in enumerate(tokens.tolist()):
+        for i, (start, end) in enumerate(image_spans(row, IMG)):
+            dense[b, start:end, i, : n_tiles[b, i]] = 1
+    aspect_mask = batch["tile_mask"].clone().long()
+    aspect_mask[..., 0] = 1  # HF marks tile 0 of every slot, padding images included
+    with torch.no_grad():
+        return hf(input_ids=tokens, pixel_values=batch["pixel_values"], aspect_ratio_ids=batch["aspect_ratio_ids"],
+                  aspect_ratio_mask=aspect_mask, cross_attention_mask=dense, use_cache=False).logits
+
+
+def our_logits(model, tokens, batch):
+    with torch.no_grad():
+        vision = model.encode_images(batch["pixel_values"], batch["aspect_ratio_ids"], batch["n_images"].tolist())
+        return model(tokens, **model.cross_inputs(tokens, vision))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    hf, config = tiny_mllama()
+    tokens, batch = inputs()
+    return hf, config, tokens, batch, hf_logits(hf, tokens, batch)
+
+
+def test_hf_compatible_mode_equals_transformers(reference):
+    hf, config, tokens, batch, expected = reference
+    got = our_logits(ours(hf, config, hf_compat=True), tokens, batch)
+    assert expected.abs().max() > 1.0
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_each_switch_alone_moves_away_from_transformers(reference):
+    hf, config, tokens, batch, expected = reference
+    model = ours(hf, config, hf_compat=True)
+    model.vision.config.intermediate_mode = "input"  # Meta's intermediate features only
+    assert (our_logits(model, tokens, batch) - expected).abs().max() > 1e-3
+    model = ours(hf, config, hf_compat=True)
+    for block in model.image_adapter.cross_attention_layers:  # Meta's row mask only
+        block.mask_attention_rows = True
+    assert (our_logits(model, tokens, batch) - expected).abs().max() > 1e-3  # text before the images
+    # When every sample starts with its image no position lacks an image, and the row mask changes nothing.
+    first = tokens.clone()
+    first[0, 5], first[0, 0], first[1, 2], first[1, 0] = 7, IMG, 7, IMG
+    assert (our_logits(model, first, batch) - hf_logits(hf, first, batch)).abs().max() <= 1e-4
