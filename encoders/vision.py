@@ -188,6 +188,12 @@ class VisionEncoder(nn.Module):
         self.global_transformer = ImageTransformer(c.n_global_layers, gated=True, **block)
         self.register_buffer("_tile_index", ratio_tile_index(m), persistent=False)
 
+    def reset_buffers(self) -> None:
+        """Recompute the (non-checkpointed) tile index tables on the weights' device, after a meta-device build."""
+        device = self.class_embedding.device
+        for module in (self, self.pre_tile_pos_embed, self.post_tile_pos_embed):
+            module._tile_index = ratio_tile_index(self.config.max_tiles).to(device)
+
     def _check_inputs(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> None:
         c = self.config
         expected = (c.max_tiles, 3, c.tile_size, c.tile_size)

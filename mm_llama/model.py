@@ -55,6 +55,38 @@ class MMLlama(nn.Module):
         self.hf_padding_images = False
 
     @classmethod
+    def from_pretrained(cls, path, *, hf_compat: bool = False, dtype: torch.dtype | None = torch.bfloat16,
+                        device: torch.device | str = "cpu") -> "MMLlama":
+        """Load a Llama 3.2 Vision checkpoint directory (Hugging Face Mllama format), strictly.
+
+        Args:
+            hf_compat: reproduce transformers >= 4.56 exactly (intermediate ViT features taken after block i; the
+                cross-attention branch not row-masked; HF's padding-image tile). Default: Meta's reference
+                semantics, which the checkpoints were trained with.
+            dtype: parameter dtype (None keeps the checkpoint's); device: where the weights go.
+        """
+        from pathlib import Path
+
+        from encoders.vision import VisionEncoder
+        from mm_llama.checkpoints.mllama import is_hf_mllama, read_hf_mllama
+
+        path = Path(path)
+        if not is_hf_mllama(path):
+            raise InputError(f"{path}: not a Hugging Face Llama 3.2 Vision directory (config.json with model_type "
+                             "'mllama'); Meta-format and mm-llama-format vision checkpoints are not supported yet")
+        trunk_config, vision_config, cross_config, state = read_hf_mllama(path, hf_compat=hf_compat)
+        with torch.device("meta"):
+            model = cls.with_image_adapter(Llama(trunk_config), cross_config, vision=VisionEncoder(vision_config))
+        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+                 for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.trunk.tie_weights()
+        model.trunk.reset_rope()
+        model.vision.reset_buffers()
+        model.hf_padding_images = hf_compat
+        return model.eval()
+
+    @classmethod
     def with_image_adapter(cls, trunk: Llama, config: CrossAttentionConfig, vision: nn.Module | None = None
                            ) -> "MMLlama":
         return cls(trunk, vision=vision, image_adapter=ImageAdapter(trunk.config, config))

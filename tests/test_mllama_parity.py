@@ -118,3 +118,26 @@ def test_each_switch_alone_moves_away_from_transformers(reference):
     first = tokens.clone()
     first[0, 5], first[0, 0], first[1, 2], first[1, 0] = 7, IMG, 7, IMG
     assert (our_logits(model, first, batch) - hf_logits(hf, first, batch)).abs().max() <= 1e-4
+
+
+def test_from_pretrained_reads_transformers_directories(reference, tmp_path):
+    hf, config, tokens, batch, expected = reference
+    hf.save_pretrained(tmp_path / "hub")  # transformers writes the hub names (language_model.model.*, ...)
+    model = MMLlama.from_pretrained(tmp_path / "hub", hf_compat=True, dtype=torch.float32)
+    assert (our_logits(model, tokens, batch) - expected).abs().max().item() <= 1e-4
+    meta_semantics = MMLlama.from_pretrained(tmp_path / "hub", dtype=torch.float32)
+    assert meta_semantics.vision.config.intermediate_mode == "input"
+    assert all(b.mask_attention_rows for b in meta_semantics.image_adapter.cross_attention_layers)
+    # The runtime names of transformers >= 4.52 load too.
+    from safetensors.torch import load_file, save_file
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    (runtime / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    renames = [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_model.", "model.vision_model."), ("multi_modal_projector.", "model.multi_modal_projector.")]
+    hub = load_file(tmp_path / "hub" / "model.safetensors")
+    save_file({next((n + k[len(o):] for o, n in renames if k.startswith(o)), k): v for k, v in hub.items()},
+              runtime / "model.safetensors")
+    model = MMLlama.from_pretrained(runtime, hf_compat=True, dtype=torch.float32)
+    assert (our_logits(model, tokens, batch) - expected).abs().max().item() <= 1e-4
