@@ -53,6 +53,8 @@ class MMLlama(nn.Module):
         # HF transformers' reading of a padding image (tile 0 real in the encoder's mask); it only matters with
         # hf_compat rows, where text without an image attends to every vision token, padding included.
         self.hf_padding_images = False
+        self.tokenizer = None  # set by from_pretrained when the directory has a tokenizer.model
+        self.max_images = 8  # images per question (bounds the cross-attention memory)
 
     @classmethod
     def from_pretrained(cls, path, *, hf_compat: bool = False, dtype: torch.dtype | None = torch.bfloat16,
@@ -84,7 +86,26 @@ class MMLlama(nn.Module):
         model.trunk.reset_rope()
         model.vision.reset_buffers()
         model.hf_padding_images = hf_compat
+        from mm_llama.checkpoints import tokenizer_candidates
+        from mm_llama.tokenizer import Tokenizer
+
+        for candidate in tokenizer_candidates(path):
+            if candidate.is_file():
+                model.tokenizer = Tokenizer.from_file(candidate)
+                break
         return model.eval()
+
+    def ask(self, question: str, **kwargs) -> str:
+        """Answer `question` (optionally about `image=` or `images=`); see `mm_llama.api.ask_stream`."""
+        from mm_llama.api import ask
+
+        return ask(self, question, **kwargs)
+
+    def ask_stream(self, question: str, **kwargs):
+        """Stream the answer to `question` as text pieces; see `mm_llama.api.ask_stream`."""
+        from mm_llama.api import ask_stream
+
+        return ask_stream(self, question, **kwargs)
 
     @classmethod
     def with_image_adapter(cls, trunk: Llama, config: CrossAttentionConfig, vision: nn.Module | None = None

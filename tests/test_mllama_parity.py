@@ -17,16 +17,17 @@ from mm_llama.model import MMLlama
 IMG, TILE = 300, 28
 
 
-def tiny_mllama(seed=0):
+def tiny_mllama(seed=0, vocab_size=300):
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
     vision = dict(hidden_size=32, num_hidden_layers=4, num_global_layers=2, attention_heads=4, intermediate_size=64,
                   image_size=TILE, patch_size=14, max_num_tiles=4, intermediate_layers_indices=[1, 3],
                   vision_output_dim=96, num_channels=3)
-    text = dict(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=6, num_attention_heads=4,
-                num_key_value_heads=2, cross_attention_layers=[1, 4], rms_norm_eps=1e-5, bos_token_id=1,
-                eos_token_id=2, pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMG)
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 4], rms_norm_eps=1e-5,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=vocab_size)
     torch.manual_seed(seed)
     model = randomize_(MllamaForConditionalGeneration(config), seed).eval()
     with torch.no_grad():  # every gate non-zero
@@ -141,3 +142,34 @@ def test_from_pretrained_reads_transformers_directories(reference, tmp_path):
               runtime / "model.safetensors")
     model = MMLlama.from_pretrained(runtime, hf_compat=True, dtype=torch.float32)
     assert (our_logits(model, tokens, batch) - expected).abs().max().item() <= 1e-4
+
+
+def test_ask_answers_about_an_image_and_checks_its_inputs(tmp_path):
+    from PIL import Image
+
+    from mm_llama.errors import InputError
+    from mm_llama.generate import Generator, Sampling
+    from mm_llama.tokenizer import write_ranks
+
+    hf, _ = tiny_mllama(seed=2, vocab_size=512)  # a byte-level tokenizer has 256 ranks + 256 specials
+    hf.save_pretrained(tmp_path / "ckpt")
+    write_ranks(tmp_path / "ckpt" / "tokenizer.model", {bytes([b]): b for b in range(256)})
+    model = MMLlama.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(picture)
+    answer = model.ask("What colour is it?", image=str(picture), max_new_tokens=8)
+    # The same answer by hand: chat format with <|image|> first in the user message, greedy, image K/V once.
+    tok = model.tokenizer
+    prompt = tok.encode_dialog([{"role": "user", "content": "What colour is it?", "media": ["<|image|>"]}])
+    assert prompt.count(model.image_id) == 1
+    batch = collate_images([[ImageTransform(ImageTransformConfig(tile_size=TILE))(str(picture))]])
+    with torch.no_grad():
+        vision = model.encode_images(batch["pixel_values"], batch["aspect_ratio_ids"], [1])
+    ids = Generator(model).generate([prompt], Sampling(max_new_tokens=8), tok.stop_tokens, vision=vision)[0]
+    assert answer == tok.decode(ids) and len(ids) > 0
+    assert "".join(model.ask_stream("What colour is it?", image=str(picture), max_new_tokens=8)) == answer
+    with pytest.raises(InputError, match="at most 8"):
+        model.ask("?", images=[str(picture)] * 9)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match="empty.png"):
+        model.ask("?", image=str(tmp_path / "empty.png"))
