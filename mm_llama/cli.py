@@ -52,6 +52,22 @@ def cmd_ask(args: argparse.Namespace) -> None:
     device = _resolve_device(args.device)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    from mm_llama.checkpoints.mllama import is_hf_mllama
+
+    if is_hf_mllama(checkpoint):
+        from mm_llama.model import MMLlama
+
+        model = MMLlama.from_pretrained(checkpoint, hf_compat=args.hf_compat, dtype=dtype, device=device)
+        model.tokenizer = tokenizer
+        for piece in model.ask_stream(args.question, images=args.image or None, system=args.system,
+                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    if args.image:
+        raise InputError(f"{checkpoint}: a text-only checkpoint cannot look at --image")
     model = Llama.from_pretrained(checkpoint, dtype=dtype, device=device)
     if model.config.vocab_size != tokenizer.n_words:
         raise InputError(f"{checkpoint}: the model has {model.config.vocab_size} token embeddings but the tokenizer "
@@ -112,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     ask.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     ask.add_argument("--compile", action="store_true", help="compile the decode step (CUDA only)")
+    ask.add_argument("--image", action="append", help="an image to ask about (repeat for several)")
+    ask.add_argument("--hf-compat", action="store_true",
+                     help="Llama 3.2 Vision: reproduce transformers' semantics instead of Meta's")
     ask.set_defaults(func=cmd_ask)
 
     convert = sub.add_parser("convert", help="convert a trunk checkpoint: Meta, Hugging Face, mm-llama formats")

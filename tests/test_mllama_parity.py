@@ -173,3 +173,17 @@ def test_ask_answers_about_an_image_and_checks_its_inputs(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(InputError, match="empty.png"):
         model.ask("?", image=str(tmp_path / "empty.png"))
+    # The command line gives the same answer, and a clean error for the empty file.
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mm_llama.cli", "ask", "--checkpoint", str(tmp_path / "ckpt"),
+                               "--max-new-tokens", "8", *args], capture_output=True, text=True, timeout=300,
+                              env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+
+    result = cli("--image", str(picture), "What colour is it?")
+    assert result.returncode == 0 and result.stdout == answer + "\n", result.stderr
+    result = cli("--image", str(tmp_path / "empty.png"), "?")
+    assert result.returncode == 2 and "empty.png" in result.stderr and "Traceback" not in result.stderr
