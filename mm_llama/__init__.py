@@ -2,7 +2,8 @@
 
 from mm_llama.errors import MMLlamaError
 from mm_llama.llama import Llama, LlamaConfig
+from mm_llama.model import MMLlama
 from mm_llama.tokenizer import Tokenizer
 
-__all__ = ["Llama", "LlamaConfig", "MMLlamaError", "Tokenizer"]
+__all__ = ["Llama", "LlamaConfig", "MMLlama", "MMLlamaError", "Tokenizer"]
 __version__ = "0.1.0"
