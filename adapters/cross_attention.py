@@ -66,7 +66,8 @@ class CrossAttention(nn.Module):
         v = self.wv(vision).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+                ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Hd)
         out = F.scaled_dot_product_attention(q, *kv, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -84,9 +85,10 @@ class CrossAttentionBlock(nn.Module):
         self.feed_forward = FeedForward(trunk.dim, trunk.ffn_hidden_dim)
         self.gate_ffwd = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 rows: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D); mask (B, 1, T, N) bool; rows (B, T, 1): 1 where the text position has seen an image."""
+        """x (B, T, D); mask (B, 1, T, N) bool or None (all visible); rows (B, T, 1): 1 where the position has seen
+        an image."""
         attn = self.attention(self.attention_norm(x), kv, mask)
         if self.mask_attention_rows:
             attn = attn * rows

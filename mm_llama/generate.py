@@ -221,7 +221,10 @@ class Generator:
             if self.compiled:
                 cross = self._static_cross(cross)
             # New tokens see what the prompt's last token sees (Meta's and HF's rule).
-            step_cross = {**cross, "cross_mask": cross["cross_mask"][:, :, -1:], "rows": cross["rows"][:, -1:]}
+            step_mask = cross["cross_mask"][:, :, -1:]
+            # One image with all its tiles real (the common case): no mask, so SDPA may take a fused kernel.
+            step_cross = {**cross, "cross_mask": None if bool(step_mask.all()) else step_mask,
+                          "rows": cross["rows"][:, -1:]}
 
         # Prefill: the whole (padded) prompt at once; logits of the last position only.
         mask = attention_mask(slots, first_slot, cache.max_len)

@@ -156,15 +156,16 @@ class MMLlama(nn.Module):
 
         Args:
             cross_kv: from `cross_kv(vision)`; None for text-only input (the cross blocks are skipped).
-            cross_mask, rows: from `adapters.cross_attention.cross_attention_mask`, (B, 1, T, N) and (B, T, 1).
+            cross_mask, rows: from `adapters.cross_attention.cross_attention_mask`, (B, 1, T, N) and (B, T, 1);
+                cross_mask None means every position sees every vision token (lets SDPA use its fastest kernels).
             positions, mask, cache, cache_pos, last_only: as for `Llama.forward`.
         Returns:
             (B, T, V) fp32 logits.
         """
         if cache is not None and (mask is None or cache_pos is None):
             raise ValueError("a KV cache needs an explicit mask and cache_pos (see generate.py)")
-        if cross_kv is not None and (cross_mask is None or rows is None):
-            raise ValueError("cross_kv needs cross_mask and rows")
+        if cross_kv is not None and rows is None:
+            raise ValueError("cross_kv needs rows (and cross_mask, unless every vision token is visible)")
         h = self.embed(tokens)
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)

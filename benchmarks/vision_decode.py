@@ -1,0 +1,171 @@
+"""Llama 3.2 11B-Vision layout, one 4-tile 560-px image + a 24-token prompt, 128 new tokens, batch 1, bf16: our
+time to first token and decode tokens/s against transformers' MllamaForConditionalGeneration on the same random
+weights, in the same process.
+
+    python benchmarks/vision_decode.py                 # one GPU
+    python benchmarks/vision_decode.py --device cpu    # tiny layout, same table
+
+TTFT covers everything from pixels to the first token: the ViT, the projection, the image K/V of the 8 cross blocks,
+the prefill and the first sample. Decode tokens/s excludes the first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from adapters.cross_attention import CrossAttentionConfig
+from encoders.vision import VisionConfig, VisionEncoder
+from encoders.vision_hf import vision_state_to_hf
+from mm_llama.checkpoints.mllama_hf import text_state_to_hf
+from mm_llama.generate import Generator, Sampling
+from mm_llama.llama import Llama, LlamaConfig
+from mm_llama.model import MMLlama
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(device: torch.device, dtype: torch.dtype, gpu: bool) -> MMLlama:
+    trunk = LlamaConfig.preset("8B" if gpu else "debug", max_seq_len=4096, use_scaled_rope=True)
+    vision = VisionConfig.preset("3.2-11B") if gpu else VisionConfig.preset("debug")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MMLlama.with_image_adapter(Llama(trunk), CrossAttentionConfig(n_layers=8 if gpu else 1),
+                                           vision=VisionEncoder(vision))
+    model.trunk.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.fill_(0.5)  # open gates: the adapter really runs
+            elif not name.startswith("trunk.") and p.dim() >= 2:
+                torch.nn.init.normal_(p, std=0.02)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def build_hf(model: MMLlama, device: torch.device, dtype: torch.dtype):
+    """transformers' Mllama with our weights (runtime names), sharing tensors where no permutation is needed."""
+    import transformers
+    from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
+
+    t, v = model.trunk.config, model.vision.config
+    schedule = model.image_adapter.schedule
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.dim, intermediate_size=t.ffn_hidden_dim,
+                num_hidden_layers=t.n_layers + len(schedule), num_attention_heads=t.n_heads,
+                num_key_value_heads=t.n_kv_heads, rms_norm_eps=t.norm_eps, max_position_embeddings=t.max_seq_len,
+                cross_attention_layers=[s + j for j, s in enumerate(schedule)], bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, rope_parameters={"rope_type": "llama3", "rope_theta": t.rope_theta,
+                                                 "factor": t.rope_scaling_factor,
+                                                 "low_freq_factor": t.rope_low_freq_factor,
+                                                 "high_freq_factor": t.rope_high_freq_factor,
+                                                 "original_max_position_embeddings": t.rope_original_context})
+    vision = dict(hidden_size=v.width, num_hidden_layers=v.n_layers, num_global_layers=v.n_global_layers,
+                  attention_heads=v.n_heads, intermediate_size=v.mlp_dim, image_size=v.tile_size,
+                  patch_size=v.patch_size, max_num_tiles=v.max_tiles,
+                  intermediate_layers_indices=list(v.intermediate_layers), vision_output_dim=v.output_dim)
+    config = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=t.vocab_size)
+    with torch.device("meta"):
+        hf = transformers.MllamaForConditionalGeneration(config)
+    state = model.state_dict()
+    hf_state = text_state_to_hf(state, t, schedule, prefix="model.language_model.")
+    hf_state |= vision_state_to_hf({k[len("vision."):]: x for k, x in state.items() if k.startswith("vision.")}, v,
+                                   prefix="model.vision_model.")
+    hf_state["model.multi_modal_projector.weight"] = state["vision_projection.weight"]
+    hf_state["model.multi_modal_projector.bias"] = state["vision_projection.bias"]
+    hf.load_state_dict({k: x.to(device, dtype) for k, x in hf_state.items()}, strict=True, assign=True)
+    hf.model.language_model.rotary_emb = MllamaRotaryEmbedding(config.text_config).to(device)
+    return hf.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", default="")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    skip = set(filter(None, args.skip.split(",")))
+    model = build(device, dtype, gpu)
+    v = model.vision.config
+    # One 4-tile image (2 x 2 layout, aspect-ratio id 6) and a 24-token chat-like prompt with the image inside.
+    pixels = torch.randn(1, 1, v.max_tiles, 3, v.tile_size, v.tile_size, device=device, dtype=dtype)
+    ratio = torch.tensor([[6]], device=device)
+    prompt = torch.randint(10, model.trunk.config.vocab_size, (24,)).tolist()
+    prompt[5] = model.image_id
+    n = args.new_tokens
+    rows = []
+
+    def measure(label, fn):
+        if label in skip:
+            return
+        try:
+            fn()
+            results = [fn() for _ in range(args.repeats)]
+        except Exception as e:  # a row that fails is reported, the others still run
+            print(f"  {label}: failed: {type(e).__name__}: {e}", flush=True)
+            return
+        ttft, rate = statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+        rows.append((label, ttft, rate))
+        print(f"  {label}: ttft {ttft * 1e3:.1f} ms, decode {rate:.1f} tok/s", flush=True)
+
+    def ours(generator):
+        def run():
+            sync(device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                vision = model.encode_images(pixels, ratio, [1])
+            first, count = None, 0
+            for _ in generator.stream_batch([prompt], Sampling(max_new_tokens=n), vision=vision):
+                count += 1
+                first = first or time.perf_counter()
+            end = time.perf_counter()
+            assert count == n
+            return first - start, (n - 1) / (end - first)
+        return run
+
+    measure("mm-llama eager", ours(Generator(model)))
+    if gpu:
+        measure("mm-llama compiled", ours(Generator(model, compile=True)))
+    hf = build_hf(model, device, dtype)
+    ids = torch.tensor([prompt], device=device)
+    cross = torch.zeros(1, len(prompt), 1, v.max_tiles, dtype=torch.long, device=device)
+    cross[0, 5:] = 1
+
+    def peer(k: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                              aspect_ratio_ids=ratio, aspect_ratio_mask=torch.ones(1, 1, v.max_tiles, device=device,
+                                                                                   dtype=torch.long),
+                              cross_attention_mask=cross, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                              pad_token_id=0)
+        sync(device)
+        assert out.shape[1] == len(prompt) + k
+        return time.perf_counter() - start
+
+    def hf_run():
+        ttft = peer(1)
+        return ttft, (n - 1) / (peer(n) - ttft)
+
+    measure("hf dynamic", hf_run)
+    peer_rate = dict((label, rate) for label, _, rate in rows).get("hf dynamic")
+    weight_bytes = sum({id(p): p.numel() * p.element_size() for p in model.parameters()}.values())
+    print(f"\n{weight_bytes / 1e9:.2f} GB of weights; {'H200' if gpu else 'CPU'}; {torch.__version__}")
+    print("| implementation    |  TTFT ms | decode tok/s | x hf dynamic |")
+    print("|-------------------|----------|--------------|--------------|")
+    for label, ttft, rate in rows:
+        ratio = rate / peer_rate if peer_rate else float("nan")
+        print(f"| {label:<17} | {ttft * 1e3:8.1f} | {rate:12.1f} | {ratio:12.2f} |")
+
+
+if __name__ == "__main__":
+    main()
