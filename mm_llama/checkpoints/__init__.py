@@ -1,5 +1,6 @@
 """Reading and writing Llama 3 trunk checkpoints: Meta's format (`meta.py`), Hugging Face's (`hf.py`) and ours
-(`ours.py`: what the training stages write).
+(`ours.py`: what the training stages write). Llama 3.2 Vision (`MMLlama`) checkpoints in all three formats:
+`mllama.py` (`save_mmllama`, `convert_mmllama`; `convert_checkpoint` dispatches to it), `mllama_meta.py`.
 
 Every loader builds the model on the meta device and fills it with `load_state_dict(strict=True, assign=True)` from
 memory-mapped tensors, so nothing is copied twice and a missing or extra tensor is an error naming the file.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,9 +22,16 @@ from mm_llama.checkpoints.ours import OURS_INDEX, read_ours_trunk, write_ours
 from mm_llama.errors import CheckpointError
 from mm_llama.llama import Llama, LlamaConfig
 
-__all__ = ["convert_checkpoint", "detect_format", "load_llama", "merge_meta_shards", "meta_to_hf_state",
-           "permute_rope", "read_checkpoint", "save_llama", "split_meta_shards", "unpermute_rope", "write_checkpoint",
-           "write_hf"]
+__all__ = ["atomic_directory", "convert_checkpoint", "detect_format", "load_llama", "merge_meta_shards",
+           "meta_to_hf_state", "permute_rope", "read_checkpoint", "save_llama", "save_mmllama", "split_meta_shards",
+           "unpermute_rope", "write_checkpoint", "write_hf"]
+
+
+def save_mmllama(model, out: str | Path, *, fmt: str = "meta", n_shards: int = 1) -> None:
+    """Write a Llama 3.2 Vision `MMLlama` as a Meta, HF or mm-llama directory (see `mllama.save_mmllama`)."""
+    from mm_llama.checkpoints.mllama import save_mmllama as save
+
+    save(model, out, fmt=fmt, n_shards=n_shards)
 
 
 def detect_format(path: str | Path) -> str:
@@ -124,12 +134,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], config: LlamaConfig, out: P
     """Write a Meta-named state dict as a checkpoint directory: all or nothing (temporary directory + rename)."""
     if fmt not in ("meta", "hf", "ours"):
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; accepted: 'meta', 'hf', 'ours'")
-    if out.exists():
-        raise CheckpointError(f"{out}: already exists; choose a new output directory")
-    # The temporary directory sits beside the target so that the final rename stays on one filesystem.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         if fmt == "meta":
             write_meta(state, config, tmp, n_shards)
         elif fmt == "hf":
@@ -138,6 +143,19 @@ def write_checkpoint(state: dict[str, torch.Tensor], config: LlamaConfig, out: P
             write_ours(tmp, trunk={"config": config.to_dict()}, trunk_weights=state)
         for extra in extra_files:
             shutil.copy2(extra, tmp / extra.name)
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """A temporary directory beside `out` (which must not exist), renamed to `out` when the block succeeds and
+    removed when it fails: a checkpoint directory appears whole or not at all."""
+    if out.exists():
+        raise CheckpointError(f"{out}: already exists; choose a new output directory")
+    # The temporary directory sits beside the target so that the final rename stays on one filesystem.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,9 +163,14 @@ def write_checkpoint(state: dict[str, torch.Tensor], config: LlamaConfig, out: P
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = None, n_shards: int = 1) -> str:
-    """Convert a checkpoint directory Meta <-> HF without changing a single bit of the weights; returns the format
-    written (by default the other one). A tokenizer.model next to the weights is copied along."""
+    """Convert a checkpoint directory Meta <-> HF <-> ours without changing a single bit of the weights; returns the
+    format written (by default the other one; ours -> Meta). A tokenizer.model next to the weights is copied along.
+    Llama 3.2 Vision directories go through `mllama.convert_mmllama`."""
+    from mm_llama.checkpoints.mllama import convert_mmllama, mllama_format
+
     src, dst = Path(src), Path(dst)
+    if mllama_format(src) is not None:
+        return convert_mmllama(src, dst, to=to, n_shards=n_shards)
     fmt, config, state = read_checkpoint(src)
     to = to or ("hf" if fmt == "meta" else "meta")
     extras = tuple(p for p in tokenizer_candidates(src) if p.is_file())[:1]

@@ -133,12 +133,17 @@ def meta_to_hf_state(state: dict[str, torch.Tensor], config: LlamaConfig) -> dic
 
 def write_hf(state: dict[str, torch.Tensor], config: LlamaConfig, out: Path,
              max_shard_bytes: int = 5 * 2**30) -> None:
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     hf_state = {k: v.contiguous() for k, v in meta_to_hf_state(state, config).items()}
     dtype = next(iter(hf_state.values())).dtype
     (out / HF_CONFIG).write_text(json.dumps(llama_to_hf_config(config, dtype), indent=2) + "\n")
+    save_hf_weights(hf_state, out, max_shard_bytes)
+
+
+def save_hf_weights(hf_state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """HF-named contiguous tensors -> model.safetensors, or size-sharded files + model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
     # Shard by size, keeping HF's file naming so transformers' loader reads the result.
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -74,9 +74,12 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def merge_meta_shards(shards: list[dict[str, torch.Tensor]], config: LlamaConfig,
-                      names: list[str]) -> dict[str, torch.Tensor]:
-    """Merge model-parallel shards into one state dict (Meta's layout rules, see the module docstring)."""
+def merge_meta_shards(shards: list[dict[str, torch.Tensor]], config: LlamaConfig, names: list[str], *,
+                      column: tuple[str, ...] = _COLUMN_PARALLEL, row: tuple[str, ...] = _ROW_PARALLEL
+                      ) -> dict[str, torch.Tensor]:
+    """Merge model-parallel shards into one state dict (Meta's layout rules, see the module docstring).
+
+    `column` / `row` are the key suffixes split on dim 0 / the last dim (Llama 3.2 Vision adds its own)."""
     if len(shards) == 1:
         return dict(shards[0])
     n = len(shards)
@@ -92,26 +95,32 @@ def merge_meta_shards(shards: list[dict[str, torch.Tensor]], config: LlamaConfig
             parts = parts[:: n // config.n_kv_heads]
         if key == "tok_embeddings.weight" and first.shape[0] * n != config.vocab_size:
             merged[key] = torch.cat(parts, dim=1)  # Llama 2's ParallelEmbedding split the model dim
-        elif key.endswith(_COLUMN_PARALLEL):
+        elif key.endswith(column):
             merged[key] = torch.cat(parts, dim=0)
-        elif key.endswith(_ROW_PARALLEL):
-            merged[key] = torch.cat(parts, dim=1)
+        elif key.endswith(row):
+            merged[key] = torch.cat(parts, dim=-1)
         else:
+            for name, part in zip(names[1:], parts[1:], strict=True):
+                if part.shape != first.shape:  # replicated: every rank holds the whole tensor
+                    raise CheckpointError(f"{name}: {key} has shape {tuple(part.shape)}, {names[0]} "
+                                          f"{tuple(first.shape)}; replicated tensors must agree")
             merged[key] = first
     return merged
 
 
-def split_meta_shards(state: dict[str, torch.Tensor], n: int, config: LlamaConfig) -> list[dict[str, torch.Tensor]]:
+def split_meta_shards(state: dict[str, torch.Tensor], n: int, config: LlamaConfig, *,
+                      column: tuple[str, ...] = _COLUMN_PARALLEL, row: tuple[str, ...] = _ROW_PARALLEL
+                      ) -> list[dict[str, torch.Tensor]]:
     """The inverse of `merge_meta_shards`: the n model-parallel shards Meta's code would save."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     for key, value in state.items():
         if key.endswith(("attention.wk.weight", "attention.wv.weight")) and n > config.n_kv_heads:
             value = value.view(config.n_kv_heads, 1, -1, value.shape[1])
             value = value.expand(-1, n // config.n_kv_heads, -1, -1).reshape(-1, value.shape[-1])
-        if key.endswith(_COLUMN_PARALLEL):
+        if key.endswith(column):
             parts = value.chunk(n, dim=0)
-        elif key.endswith(_ROW_PARALLEL):
-            parts = value.chunk(n, dim=1)
+        elif key.endswith(row):
+            parts = value.chunk(n, dim=-1)
         else:
             parts = [value] * n
         if len(parts) != n or any(p.shape != parts[0].shape for p in parts):

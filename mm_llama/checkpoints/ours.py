@@ -5,6 +5,16 @@
                             | {"checkpoint": "path/to/a/Meta/or/HF/directory"},
                      "parts": {"<part>": {"config": {...}, "weights": "<part>.safetensors"}, ...}}
 
+A whole Llama 3.2 Vision model (`MMLlama`, written by `save_mmllama(fmt="ours")`) has two parts:
+
+    "vision":        {"config": {...VisionConfig, no intermediate_mode...}, "weights": "vision.safetensors"}
+                     holding `vision.*` and `vision_projection.{weight,bias}`;
+    "image_adapter": {"config": {"n_layers": N}, "weights": "image_adapter.safetensors"}
+                     holding `media.learnable_embedding.weight` and `image_adapter.cross_attention_layers.*`.
+
+Part tensors keep their full `MMLlama` names; the semantics flags (`intermediate_mode`, `mask_attention_rows`) are
+chosen when loading (`hf_compat`), not stored.
+
 A stage that trains the trunk (`lm`) stores its weights here; a stage that trains an adapter stores only the adapter
 and refers to the trunk checkpoint it was trained on. Tensor names are the module's own (Meta's, for the trunk).
 """
@@ -74,3 +84,18 @@ def write_ours(out: Path, *, trunk: dict, parts: dict[str, tuple[dict, dict[str,
         index["parts"][name] = {"config": config, "weights": f"{name}.safetensors"}
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"{name}.safetensors"))
     (out / OURS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def read_ours_parts(path: Path) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
+    """Part name -> (config dict, state dict) of every part stored in an mm-llama directory."""
+    parts = read_index(path).get("parts") or {}
+    out = {}
+    for name, entry in parts.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("config", {}), dict):
+            raise CheckpointError(f"{path / OURS_INDEX}: part {name!r} must be {{'config': {{...}}, 'weights': ...}}")
+        out[name] = (entry.get("config", {}), read_safetensors(path / entry.get("weights", f"{name}.safetensors")))
+    return out
+
+
+def has_part(path: Path, name: str) -> bool:
+    return (path / OURS_INDEX).is_file() and name in (read_json(path / OURS_INDEX).get("parts") or {})
