@@ -99,11 +99,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
-        if args.kind != "text":
-            raise InputError(f"data synth --kind {args.kind}: only 'text' exists so far")
-        from mm_llama.data.synth_text import synth_text
-
-        shards = synth_text(Path(args.out), args.n, seed=args.seed, shard_size=args.shard_size)
+        if args.kind == "text":
+            from mm_llama.data.synth_text import synth_text as synth
+        elif args.kind == "image":
+            from mm_llama.data.synth_image import synth_image as synth
+        else:
+            raise InputError(f"data synth --kind {args.kind}: only 'text' and 'image' exist so far")
+        shards = synth(Path(args.out), args.n, seed=args.seed, shard_size=args.shard_size)
     else:
         from mm_llama.data.pack import pack
 
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Llama 3.2 Vision: reproduce transformers' semantics instead of Meta's")
     ask.set_defaults(func=cmd_ask)
 
-    convert = sub.add_parser("convert", help="convert a trunk checkpoint: Meta, Hugging Face, mm-llama formats")
+    convert = sub.add_parser("convert", help="convert a trunk or Llama 3.2 Vision checkpoint between the Meta, "
+                             "Hugging Face and mm-llama formats")
     convert.add_argument("--input", required=True)
     convert.add_argument("--output", required=True)
     convert.add_argument("--to", choices=["meta", "hf", "ours"],
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a stage (torchrun-launchable)",
                            description="Any further --section.key=value overrides the YAML config.")
-    train.add_argument("stage", help="lm")
+    train.add_argument("stage", help="lm or image-adapter")
     train.add_argument("--config", help="stage YAML (configs/...)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of train.out_dir")
     train.set_defaults(func=cmd_train)

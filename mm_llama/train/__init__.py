@@ -1,6 +1,6 @@
 """Training: the shared loop (`loop.py`), checkpoints, distributed set-up, and one short script per stage."""
 
-STAGES = ("lm",)  # vision-pretrain, image-adapter, video-adapter, speech-pretrain, speech-adapter, tts: later issues
+STAGES = ("lm", "image-adapter")  # vision-pretrain, video-adapter, speech-pretrain, speech-adapter, tts: later
 
 
 def run_stage(name: str, config_path: str | None, overrides: list[str], resume: bool):
@@ -9,6 +9,8 @@ def run_stage(name: str, config_path: str | None, overrides: list[str], resume: 
 
     if name == "lm":
         from mm_llama.train.lm import main
+    elif name == "image-adapter":
+        from mm_llama.train.image_adapter import main
     else:
         raise ConfigError(f"unknown training stage {name!r}; available: {', '.join(STAGES)}")
     return main(config_path, overrides, resume)

@@ -1,0 +1,153 @@
+"""Stage `image-adapter` (paper §7.2, DESIGN §6): train the image encoder's projection, the gated cross-attention
+blocks and the media-token rows (and the ViT itself, as the paper does, unless `train_vision: false`) on image +
+caption/Q&A shards, with the trunk frozen. The loss is next-token cross-entropy on the answer tokens only.
+
+    mm-llama data synth --kind image --out data/demo/image --n 20000
+    mm-llama train image-adapter --config configs/demo/image_adapter.yaml [--train.steps=500 ...] [--resume]
+
+Each checkpoint directory is in mm-llama's format: the trunk by reference (`{"checkpoint": <trunk dir>}`; the trunk
+weights themselves for a `trunk_preset` smoke-test trunk), the parts "vision" (a `VisionEncoder` state dict) and
+"image_adapter" (`vision_projection.*`, `media.*`, `image_adapter.*` of `MMLlama`), and the tokenizer.model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.cross_attention import CrossAttentionConfig
+from encoders.vision import VisionConfig, VisionEncoder
+from mm_llama.checkpoints.mllama import mllama_parts
+from mm_llama.checkpoints.ours import read_index, read_safetensors, write_ours
+from mm_llama.config import load_config, to_yaml
+from mm_llama.data.image import IGNORE, ImageDataConfig, ImageTextBatches
+from mm_llama.errors import CheckpointError, ConfigError, TrainingError
+from mm_llama.llama import Llama, LlamaConfig
+from mm_llama.model import MMLlama
+from mm_llama.train.distributed import Runtime
+from mm_llama.train.loop import TrainConfig, TrainResult, train
+
+
+@dataclass(kw_only=True)
+class ImageAdapterStageConfig:
+    """The stage's YAML. Exactly one of `trunk` (a Meta, HF or mm-llama trunk directory, e.g. a stage-`lm`
+    checkpoint) and `trunk_preset` (a randomly initialised trunk of a `LlamaConfig` preset, seeded by
+    `train.seed`: only for smoke tests, it knows no language)."""
+
+    trunk: str | None = None
+    trunk_preset: str | None = None
+    vision: VisionConfig
+    adapter: CrossAttentionConfig
+    train_vision: bool = True  # the paper updates the ViT in this stage; false freezes it
+    data: ImageDataConfig
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        if (self.trunk is None) == (self.trunk_preset is None):
+            raise ConfigError("give exactly one of 'trunk' (a checkpoint directory) and 'trunk_preset' (smoke tests), "
+                              f"got trunk={self.trunk!r}, trunk_preset={self.trunk_preset!r}")
+        v, d = self.vision, self.data
+        if (v.tile_size, v.max_tiles) != (d.tile_size, d.max_tiles):
+            raise ConfigError(f"data tiles ({d.tile_size} px, up to {d.max_tiles}) differ from the vision encoder's "
+                              f"({v.tile_size} px, up to {v.max_tiles}); make data.tile_size and data.max_tiles match")
+
+
+class ImageAdapterStage:
+    name = "image-adapter"
+
+    def __init__(self, config: ImageAdapterStageConfig):
+        self.config = config
+        self.tokenizer_path = Path(config.data.tokenizer)
+        from mm_llama.tokenizer import Tokenizer
+
+        self.n_words = Tokenizer.from_file(self.tokenizer_path).n_words
+        self._frozen: dict[str, dict[str, torch.Tensor]] = {}  # part -> frozen weights to store with each checkpoint
+
+    def build(self, runtime: Runtime) -> nn.Module:
+        c = self.config
+        if c.trunk is not None:
+            trunk = Llama.from_pretrained(c.trunk, dtype=torch.float32, device=runtime.device)
+        else:
+            with torch.device(runtime.device):
+                trunk = Llama(LlamaConfig.preset(c.trunk_preset))
+            trunk.init_weights()  # seeded by the loop (train.seed)
+            state = trunk.state_dict()
+            if trunk.config.tie_embeddings:
+                state.pop("output.weight")
+            self._frozen["trunk"] = {k: v.detach().cpu().clone() for k, v in state.items()}
+        if trunk.config.vocab_size != self.n_words:
+            raise ConfigError(f"the trunk's vocab_size {trunk.config.vocab_size} differs from the {self.n_words} "
+                              f"tokens of {self.tokenizer_path}")
+        with torch.device(runtime.device):
+            model = MMLlama.with_image_adapter(trunk, c.adapter, vision=VisionEncoder(c.vision))
+        model.trunk.requires_grad_(False)
+        if not c.train_vision:
+            model.vision.requires_grad_(False)
+            self._frozen["vision"] = {k: v.detach().cpu().clone() for k, v in model.vision.state_dict().items()}
+        return model
+
+    def blocks(self, model: MMLlama) -> list[nn.Module]:
+        return [*model.trunk.layers, *model.image_adapter.cross_attention_layers,
+                *model.vision.transformer.resblocks, *model.vision.global_transformer.resblocks]
+
+    def batches(self, runtime: Runtime, start: int) -> Iterator[dict]:
+        source = ImageTextBatches(self.config.data, rank=runtime.rank, world_size=runtime.world_size)
+        for batch in source.batches(start):
+            yield {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def n_targets(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def loss(self, model: MMLlama, batch: dict) -> torch.Tensor:
+        tokens, labels = batch["tokens"][:, :-1], batch["labels"][:, 1:]  # position t predicts token t+1
+        # <|image|> (= the vocabulary size) has no output row: it must never be a target.
+        if int(labels.max()) >= model.trunk.config.vocab_size:
+            raise TrainingError(f"labels hold id {int(labels.max())}, outside the output vocabulary")
+        vision = model.encode_images(batch["pixel_values"], batch["aspect_ratio_ids"], [1] * tokens.shape[0])
+        logits = model(tokens, **model.cross_inputs(tokens, vision))  # (B, L-1, V) fp32
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
+        # The same layout as save_mmllama(fmt="ours"): MMLlama.from_pretrained loads the directory as it is.
+        c = self.config
+        state = dict(trainable)
+        if not c.train_vision:
+            state |= {f"vision.{k}": v for k, v in self._frozen["vision"].items()}
+        parts = mllama_parts(state, c.vision, c.adapter)
+        if c.trunk is not None:
+            write_ours(out, trunk={"checkpoint": str(Path(c.trunk).resolve())}, parts=parts)
+        else:
+            write_ours(out, trunk={"config": LlamaConfig.preset(c.trunk_preset).to_dict()}, parts=parts,
+                       trunk_weights=self._frozen["trunk"])
+        shutil.copy2(self.tokenizer_path, out / "tokenizer.model")
+
+    def load(self, ckpt: Path) -> dict[str, torch.Tensor]:
+        parts = read_index(ckpt).get("parts", {})
+        if not {"vision", "image_adapter"} <= parts.keys():
+            raise CheckpointError(f"{ckpt}: not an image-adapter checkpoint (parts {sorted(parts)})")
+        state = dict(read_safetensors(ckpt / parts["image_adapter"]["weights"]))
+        state |= read_safetensors(ckpt / parts["vision"]["weights"])
+        if not self.config.train_vision:  # saved alongside, but not trained: the loop restores trainables only
+            state = {k: v for k, v in state.items() if not k.startswith("vision.")}
+        return state
+
+
+def main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False) -> TrainResult:
+    config = load_config(ImageAdapterStageConfig, config_path, overrides)
+    text = to_yaml(config)
+    stage = ImageAdapterStage(config)
+    from mm_llama.train.distributed import init_runtime
+
+    runtime = init_runtime(config.train.device)
+    if runtime.is_main:
+        print(text, flush=True)
+    result = train(stage, config.train, config_yaml=text, resume=resume, runtime=runtime)
+    if runtime.is_main and result.last_checkpoint is not None:
+        print(f"image-adapter checkpoint: {result.last_checkpoint}")
+    return result
