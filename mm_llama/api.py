@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import torch
-
 from mm_llama.errors import InputError
 from mm_llama.generate import Generator, Sampling
 
@@ -34,9 +32,8 @@ def _vision_inputs(model, images: Sequence) -> object | None:
     transform = ImageTransform(ImageTransformConfig(tile_size=c.tile_size, max_tiles=c.max_tiles))
     batch = collate_images([[transform(image) for image in images]])
     weight = model.vision_projection.weight
-    with torch.inference_mode():
-        return model.encode_images(batch["pixel_values"].to(weight.device, weight.dtype),
-                                   batch["aspect_ratio_ids"].to(weight.device), [len(images)])
+    return _generator(model).encode_images(batch["pixel_values"].to(weight.device, weight.dtype),
+                                           batch["aspect_ratio_ids"].to(weight.device), [len(images)])
 
 
 def ask_stream(model, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,

@@ -156,6 +156,14 @@ class Generator:
             self._decode = torch.compile(_decode_step, fullgraph=True,
                                          options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
         self.compiled = compile
+        # The image encoder runs once per request on fixed tile shapes: compiled, it fuses its many small kernels.
+        vision = getattr(model, "vision", None)
+        self.vision_encoder = torch.compile(vision) if compile and vision is not None else vision
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, n_images: list[int]):
+        """`MMLlama.encode_images` with this generator's (possibly compiled) image encoder."""
+        return self.model.encode_images(pixel_values, aspect_ratio_ids, n_images, encoder=self.vision_encoder)
 
     def _cache(self, batch_size: int, needed: int) -> KVCache:
         length = -(-needed // CACHE_BUCKET) * CACHE_BUCKET

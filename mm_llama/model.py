@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from adapters.cross_attention import CrossAttentionConfig, ImageAdapter, cross_attention_mask
-from adapters.media_tokens import N_MEDIA_ROWS, MediaTokenEmbedding
+from adapters.media_tokens import MediaTokenEmbedding
 from mm_llama.errors import InputError
 from mm_llama.llama import KVCacheLike, Llama
 
@@ -59,7 +59,8 @@ class MMLlama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, hf_compat: bool = False, dtype: torch.dtype | None = torch.bfloat16,
                         device: torch.device | str = "cpu") -> "MMLlama":
-        """Load a Llama 3.2 Vision checkpoint directory (Hugging Face Mllama format), strictly.
+        """Load a Llama 3.2 Vision checkpoint directory, strictly: Hugging Face Mllama (config.json), Meta
+        (params.json with vision fields + consolidated.NN.pth) or mm-llama (mm_llama.json with a vision part).
 
         Args:
             hf_compat: reproduce transformers >= 4.56 exactly (intermediate ViT features taken after block i; the
@@ -67,33 +68,9 @@ class MMLlama(nn.Module):
                 semantics, which the checkpoints were trained with.
             dtype: parameter dtype (None keeps the checkpoint's); device: where the weights go.
         """
-        from pathlib import Path
+        from mm_llama.checkpoints.mllama import load_mmllama
 
-        from encoders.vision import VisionEncoder
-        from mm_llama.checkpoints.mllama import is_hf_mllama, read_hf_mllama
-
-        path = Path(path)
-        if not is_hf_mllama(path):
-            raise InputError(f"{path}: not a Hugging Face Llama 3.2 Vision directory (config.json with model_type "
-                             "'mllama'); Meta-format and mm-llama-format vision checkpoints are not supported yet")
-        trunk_config, vision_config, cross_config, state = read_hf_mllama(path, hf_compat=hf_compat)
-        with torch.device("meta"):
-            model = cls.with_image_adapter(Llama(trunk_config), cross_config, vision=VisionEncoder(vision_config))
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
-                 for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        model.trunk.tie_weights()
-        model.trunk.reset_rope()
-        model.vision.reset_buffers()
-        model.hf_padding_images = hf_compat
-        from mm_llama.checkpoints import tokenizer_candidates
-        from mm_llama.tokenizer import Tokenizer
-
-        for candidate in tokenizer_candidates(path):
-            if candidate.is_file():
-                model.tokenizer = Tokenizer.from_file(candidate)
-                break
-        return model.eval()
+        return load_mmllama(path, hf_compat=hf_compat, dtype=dtype, device=device)
 
     def ask(self, question: str, **kwargs) -> str:
         """Answer `question` (optionally about `image=` or `images=`); see `mm_llama.api.ask_stream`."""
@@ -113,8 +90,9 @@ class MMLlama(nn.Module):
         return cls(trunk, vision=vision, image_adapter=ImageAdapter(trunk.config, config))
 
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                      n_images: list[int]) -> VisionInputs:
-        """Tiled images (B, I, Tiles, 3, S, S) with their ratio ids (B, I) -> projected vision tokens and masks."""
+                      n_images: list[int], encoder=None) -> VisionInputs:
+        """Tiled images (B, I, Tiles, 3, S, S) with their ratio ids (B, I) -> projected vision tokens and masks.
+        `encoder`: a stand-in for `self.vision` with the same signature (e.g. a compiled one, see generate.py)."""
         from encoders.vision import tile_mask_from_ids
 
         if self.vision is None:
@@ -123,16 +101,15 @@ class MMLlama(nn.Module):
         encoder_mask = tile_mask.clone()
         if self.hf_padding_images:
             encoder_mask[..., 0] |= aspect_ratio_ids == 0
-        features = self.vision(pixel_values, aspect_ratio_ids, encoder_mask)  # (B, I, Tiles, L, F)
+        encoder = self.vision if encoder is None else encoder
+        features = encoder(pixel_values, aspect_ratio_ids, encoder_mask)  # (B, I, Tiles, L, F)
         B, n_slots, n_tiles, L, _ = features.shape
         tokens = self.vision_projection(features).reshape(B, n_slots * n_tiles * L, -1)  # (B, N, D)
         return VisionInputs(tokens, tile_mask, list(n_images), L)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids, media ids included -> (B, T, D)."""
-        limit = self.trunk.config.vocab_size + N_MEDIA_ROWS
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= limit):
-            raise InputError(f"token ids must be in [0, {limit}): got {int(tokens.min())}..{int(tokens.max())}")
+        """(B, T) ids, media ids included -> (B, T, D). (Ids are checked by the callers that take user input, so
+        that this stays free of host synchronisation.)"""
         return self.media(tokens, self.trunk.tok_embeddings)
 
     def cross_kv(self, vision: torch.Tensor) -> CrossKV:
