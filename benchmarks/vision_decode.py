@@ -137,8 +137,8 @@ def main() -> None:
             cache = KVCache.for_model(model.trunk, 1, 256)
             slots = torch.arange(len(prompt), device=device)
             mask = attention_mask(slots, torch.zeros(1, dtype=torch.long, device=device), 256)
-            _, t_prefill = timed(lambda: model(tokens, positions=slots, mask=mask, cache=cache, cache_pos=slots,
-                                               last_only=True, **cross))
+            _, t_prefill = timed(lambda: generator._prefill(tokens, positions=slots, mask=mask, cache=cache,
+                                                            cache_pos=slots, last_only=True, **cross))
         print(f"  TTFT parts: image encoder + projection {t_vision:.1f} ms, masks + image K/V {t_cross:.1f} ms, "
               f"prefill {t_prefill:.1f} ms", flush=True)
 

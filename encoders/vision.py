@@ -224,7 +224,8 @@ class VisionEncoder(nn.Module):
             features interleaved as in Meta's reference (channel D + d*K + k holds intermediate k's channel d).
             Features of empty tile slots and padding images are computed but meaningless.
         """
-        self._check_inputs(pixel_values, aspect_ratio_ids)
+        if not torch.compiler.is_compiling():  # the checks read values on the host: outside compiled graphs
+            self._check_inputs(pixel_values, aspect_ratio_ids)
         c = self.config
         b, i, t, _, s, _ = pixel_values.shape
         n, n_pad, d = c.tokens_per_tile, c.padded_tokens_per_tile, c.width

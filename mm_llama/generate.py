@@ -156,6 +156,9 @@ class Generator:
             self._decode = torch.compile(_decode_step, fullgraph=True,
                                          options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
         self.compiled = compile
+        # Prefill: compiled with symbolic lengths (no CUDA graphs), so one graph serves every prompt length and the
+        # many small kernels of an eager forward are fused; it dominates the time to the first token.
+        self._prefill = torch.compile(model, dynamic=True) if compile else model
         # The image encoder runs once per request on fixed tile shapes: compiled, it fuses its many small kernels.
         vision = getattr(model, "vision", None)
         self.vision_encoder = torch.compile(vision) if compile and vision is not None else vision
@@ -236,8 +239,8 @@ class Generator:
 
         # Prefill: the whole (padded) prompt at once; logits of the last position only.
         mask = attention_mask(slots, first_slot, cache.max_len)
-        logits = self.model(tokens, positions=positions, mask=mask, cache=cache, cache_pos=slots, last_only=True,
-                            **cross)
+        logits = self._prefill(tokens, positions=positions, mask=mask, cache=cache, cache_pos=slots, last_only=True,
+                               **cross)
         next_tokens = sample(logits[:, -1], sampling, generator)
         decode_slots = torch.arange(longest, longest + sampling.max_new_tokens, device=dev)
         to_host = _HostCopy(B, dev)
