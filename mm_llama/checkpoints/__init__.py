@@ -63,11 +63,13 @@ def read_checkpoint(path: str | Path) -> tuple[str, LlamaConfig, dict[str, torch
     return fmt, config, state
 
 
-def check_state_dict(state: dict[str, torch.Tensor], model: Llama, source: str) -> None:
-    """Strict key and shape check, with a message that names the source and the first problems."""
+def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str, *,
+                     tied: str | None = None) -> None:
+    """Strict key and shape check against `model`, with a message that names the source and the first problems.
+    `tied`: the key of a tied output head, which checkpoints need not carry."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        expected.pop("output.weight")
+    if tied is not None:
+        expected.pop(tied)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise CheckpointError(f"{source}: state dict does not match the config: missing {missing[:6]}"
@@ -110,7 +112,7 @@ def load_llama(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
     check_tokenizer_vocab(path, config)
     with torch.device("meta"):
         model = Llama(config)
-    check_state_dict(state, model, f"{path} ({fmt} format)")
+    check_state_dict(state, model, f"{path} ({fmt} format)", tied="output.weight" if config.tie_embeddings else None)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
              for k, v in state.items()}
     if config.tie_embeddings:

@@ -148,27 +148,11 @@ def read_mmllama(path: Path, *, hf_compat: bool = False):
     return (fmt, *reader(path, hf_compat=hf_compat))
 
 
-def check_mmllama_state(state: dict[str, torch.Tensor], model, source: str) -> None:
-    """Strict key and shape check against `model`, naming the source and the first problems."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.trunk.config.tie_embeddings:
-        expected.pop("trunk.output.weight")
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: state dict does not match the config: missing {missing[:6]}"
-                              f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                              f"{' ...' if len(unexpected) > 6 else ''}")
-    for key, shape in expected.items():
-        if state[key].shape != shape:
-            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, the config implies "
-                                  f"{tuple(shape)}")
-
-
 def load_mmllama(path, *, hf_compat: bool = False, dtype: torch.dtype | None = torch.bfloat16,
                  device: torch.device | str = "cpu"):
     """`MMLlama.from_pretrained`: meta-device construction, strict assign-load, tokenizer.model if present."""
     from encoders.vision import VisionEncoder
-    from mm_llama.checkpoints import tokenizer_candidates
+    from mm_llama.checkpoints import check_state_dict, tokenizer_candidates
     from mm_llama.llama import Llama
     from mm_llama.model import MMLlama
     from mm_llama.tokenizer import Tokenizer
@@ -181,7 +165,8 @@ def load_mmllama(path, *, hf_compat: bool = False, dtype: torch.dtype | None = t
         if not torch.equal(state["trunk.output.weight"], state["trunk.tok_embeddings.weight"]):
             raise CheckpointError(f"{path}: tie_embeddings is set but output.weight differs from tok_embeddings")
         del state["trunk.output.weight"]
-    check_mmllama_state(state, model, f"{path} ({fmt} format)")
+    check_state_dict(state, model, f"{path} ({fmt} format)",
+                     tied="trunk.output.weight" if trunk_config.tie_embeddings else None)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
              for k, v in state.items()}
     if trunk_config.tie_embeddings:

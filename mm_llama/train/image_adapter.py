@@ -25,13 +25,12 @@ from adapters.cross_attention import CrossAttentionConfig
 from encoders.vision import VisionConfig, VisionEncoder
 from mm_llama.checkpoints.mllama import mllama_parts
 from mm_llama.checkpoints.ours import read_index, read_safetensors, write_ours
-from mm_llama.config import load_config, to_yaml
 from mm_llama.data.image import IGNORE, ImageDataConfig, ImageTextBatches
 from mm_llama.errors import CheckpointError, ConfigError, TrainingError
 from mm_llama.llama import Llama, LlamaConfig
 from mm_llama.model import MMLlama
 from mm_llama.train.distributed import Runtime
-from mm_llama.train.loop import TrainConfig, TrainResult, train
+from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
 
 
 @dataclass(kw_only=True)
@@ -139,15 +138,5 @@ class ImageAdapterStage:
 
 
 def main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False) -> TrainResult:
-    config = load_config(ImageAdapterStageConfig, config_path, overrides)
-    text = to_yaml(config)
-    stage = ImageAdapterStage(config)
-    from mm_llama.train.distributed import init_runtime
-
-    runtime = init_runtime(config.train.device)
-    if runtime.is_main:
-        print(text, flush=True)
-    result = train(stage, config.train, config_yaml=text, resume=resume, runtime=runtime)
-    if runtime.is_main and result.last_checkpoint is not None:
-        print(f"image-adapter checkpoint: {result.last_checkpoint}")
-    return result
+    return run_stage(ImageAdapterStageConfig, ImageAdapterStage, config_path, overrides, resume,
+                     result_name="image-adapter checkpoint")

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_llama.checkpoints.ours import read_ours_trunk, write_ours
-from mm_llama.config import load_config, to_yaml
 from mm_llama.data.text import TextBatches, TextDataConfig
 from mm_llama.errors import ConfigError
 from mm_llama.llama import Llama, LlamaConfig
 from mm_llama.train.distributed import Runtime
-from mm_llama.train.loop import TrainConfig, TrainResult, train
+from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
 
 
 @dataclass
@@ -82,15 +81,5 @@ class LMStage:
 
 
 def main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False) -> TrainResult:
-    config = load_config(LMStageConfig, config_path, overrides)
-    text = to_yaml(config)
-    stage = LMStage(config)
-    from mm_llama.train.distributed import init_runtime
-
-    runtime = init_runtime(config.train.device)
-    if runtime.is_main:
-        print(text, flush=True)
-    result = train(stage, config.train, config_yaml=text, resume=resume, runtime=runtime)
-    if runtime.is_main and result.last_checkpoint is not None:
-        print(f"trunk checkpoint: {result.last_checkpoint} (Llama.from_pretrained or mm-llama ask --checkpoint)")
-    return result
+    return run_stage(LMStageConfig, LMStage, config_path, overrides, resume,
+                     result_name="trunk checkpoint")

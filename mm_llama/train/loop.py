@@ -292,3 +292,20 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
 def completed_steps(run_dir: Path) -> list[int]:
     """Steps of the complete checkpoints of a run (for tools and tests)."""
     return [s for s, _ in list_checkpoints(Path(run_dir))]
+
+
+def run_stage(config_cls: type, make_stage, config_path: str | None, overrides=(), resume: bool = False, *,
+              result_name: str = "checkpoint") -> TrainResult:
+    """What every stage's `main` does: load the config strictly, print it, build the stage, train."""
+    from mm_llama.config import load_config, to_yaml
+
+    config = load_config(config_cls, config_path, overrides)
+    text = to_yaml(config)
+    stage = make_stage(config)
+    runtime = init_runtime(config.train.device)
+    if runtime.is_main:
+        print(text, flush=True)
+    result = train(stage, config.train, config_yaml=text, resume=resume, runtime=runtime)
+    if runtime.is_main and result.last_checkpoint is not None:
+        print(f"{result_name}: {result.last_checkpoint}", flush=True)
+    return result
