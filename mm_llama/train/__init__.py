@@ -1,6 +1,6 @@
 """Training: the shared loop (`loop.py`), checkpoints, distributed set-up, and one short script per stage."""
 
-STAGES = ("lm", "image-adapter")  # vision-pretrain, video-adapter, speech-pretrain, speech-adapter, tts: later
+STAGES = ("lm", "vision-pretrain", "image-adapter")  # video-adapter, speech-pretrain, speech-adapter, tts: later
 
 
 def run_stage(name: str, config_path: str | None, overrides: list[str], resume: bool):
@@ -9,6 +9,8 @@ def run_stage(name: str, config_path: str | None, overrides: list[str], resume: 
 
     if name == "lm":
         from mm_llama.train.lm import main
+    elif name == "vision-pretrain":
+        from mm_llama.train.vision_pretrain import main
     elif name == "image-adapter":
         from mm_llama.train.image_adapter import main
     else:
