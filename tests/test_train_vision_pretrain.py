@@ -16,7 +16,7 @@ from mm_llama.config import from_dict
 from mm_llama.data.image import ImageDataConfig
 from mm_llama.data.image_text import ImageCaptionBatches
 from mm_llama.data.synth_image import synth_image
-from mm_llama.errors import ConfigError
+from mm_llama.errors import CheckpointError, ConfigError
 from mm_llama.train.checkpoint import latest_checkpoint
 from mm_llama.train.distributed import init_runtime
 from mm_llama.train.loop import train
@@ -172,3 +172,24 @@ def test_demo_config_loads():
     config = load_config(VisionPretrainStageConfig, Path(__file__).resolve().parents[1] / "configs" / "demo" /
                          "vision_pretrain.yaml")
     assert config.text_pretrained is None and config.data.task == "caption" and config.vision.tile_size == 56
+
+
+def test_image_adapter_starts_from_the_pretrained_vit(trained, shapes, tmp_path):
+    from mm_llama.config import from_dict as load_dict
+    from mm_llama.train.image_adapter import ImageAdapterStage, ImageAdapterStageConfig
+
+    _, _, _, result, run = trained
+    ckpt = latest_checkpoint(run)
+    config = load_dict(ImageAdapterStageConfig, {
+        "trunk_preset": "debug", "vision": {"preset": "debug", "tile_size": 56, "max_tiles": 1},
+        "adapter": {"n_layers": 1}, "init_vision": str(ckpt), "data": {**vars(data_config(shapes)), "task": "qa"},
+        "train": {"out_dir": str(tmp_path / "adapter"), "device": "cpu"}})
+    model = ImageAdapterStage(config).build(init_runtime("cpu"))
+    pretrained = result.model.vision.state_dict()
+    assert all(torch.equal(v, pretrained[k]) for k, v in model.vision.state_dict().items())
+    bad = load_dict(ImageAdapterStageConfig, {**vars(config), "vision": {"preset": "debug", "tile_size": 56,
+                                                                           "max_tiles": 1, "width": 48},
+                                              "adapter": {"n_layers": 1}, "data": vars(config.data),
+                                              "train": vars(config.train)})
+    with pytest.raises(CheckpointError, match="does not fit the vision config"):
+        ImageAdapterStage(bad).build(init_runtime("cpu"))

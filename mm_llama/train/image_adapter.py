@@ -44,6 +44,8 @@ class ImageAdapterStageConfig:
     vision: VisionConfig
     adapter: CrossAttentionConfig
     train_vision: bool = True  # the paper updates the ViT in this stage; false freezes it
+    # Start the ViT from the "vision" part of an mm-llama checkpoint (e.g. stage vision-pretrain's); null: random.
+    init_vision: str | None = None
     data: ImageDataConfig
     train: TrainConfig
 
@@ -85,6 +87,17 @@ class ImageAdapterStage:
                               f"tokens of {self.tokenizer_path}")
         with torch.device(runtime.device):
             model = MMLlama.with_image_adapter(trunk, c.adapter, vision=VisionEncoder(c.vision))
+        if c.init_vision is not None:
+            parts = read_index(Path(c.init_vision)).get("parts", {})
+            if "vision" not in parts:
+                raise CheckpointError(f"{c.init_vision}: init_vision needs a checkpoint with a 'vision' part "
+                                      f"(found parts {sorted(parts)})")
+            weights = read_safetensors(Path(c.init_vision) / parts["vision"]["weights"])
+            vision = {k.removeprefix("vision."): v for k, v in weights.items() if k.startswith("vision.")}
+            try:
+                model.vision.load_state_dict(vision, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"{c.init_vision}: its ViT does not fit the vision config: {e}") from None
         model.trunk.requires_grad_(False)
         if not c.train_vision:
             model.vision.requires_grad_(False)
