@@ -28,7 +28,6 @@ from mm_llama.errors import ConfigError, TrainingError
 from mm_llama.train.checkpoint import (
     TRAIN_STATE,
     latest_checkpoint,
-    list_checkpoints,
     load_train_state,
     rng_states,
     set_rng_states,
@@ -287,11 +286,6 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
         if log_file is not None:
             log_file.close()
     return result
-
-
-def completed_steps(run_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints of a run (for tools and tests)."""
-    return [s for s, _ in list_checkpoints(Path(run_dir))]
 
 
 def run_stage(config_cls: type, make_stage, config_path: str | None, overrides=(), resume: bool = False, *,
