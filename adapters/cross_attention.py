@@ -85,10 +85,13 @@ class CrossAttentionBlock(nn.Module):
         self.feed_forward = FeedForward(trunk.dim, trunk.ffn_hidden_dim)
         self.gate_ffwd = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                rows: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D); mask (B, 1, T, N) bool or None (all visible); rows (B, T, 1): 1 where the position has seen
-        an image."""
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
+                mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D); kv: cached (K, V), or the projected vision tokens (B, N, D) to compute them from here (inside
+        this forward, where FSDP has gathered the weights); mask (B, 1, T, N) bool or None (all visible);
+        rows (B, T, 1): 1 where the position has seen an image."""
+        if isinstance(kv, torch.Tensor):
+            kv = self.attention.kv(kv)
         attn = self.attention(self.attention_norm(x), kv, mask)
         if self.mask_attention_rows:
             attn = attn * rows

@@ -125,22 +125,34 @@ class MMLlama(nn.Module):
                                           vision.tokens_per_tile)
         return {"cross_kv": self.cross_kv(vision.tokens), "cross_mask": mask, "rows": rows.to(vision.tokens.dtype)}
 
-    def forward(self, tokens: torch.Tensor, *, cross_kv: CrossKV | None = None, cross_mask: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache: KVCacheLike | None = None,
-                cache_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits for `tokens` (B, T), attending to the images behind `cross_kv` where `cross_mask` allows.
+    def forward(self, tokens: torch.Tensor, *, images: dict | None = None, cross_kv: CrossKV | None = None,
+                cross_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCacheLike | None = None, cache_pos: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for `tokens` (B, T), attending to images.
 
         Args:
-            cross_kv: from `cross_kv(vision)`; None for text-only input (the cross blocks are skipped).
-            cross_mask, rows: from `adapters.cross_attention.cross_attention_mask`, (B, 1, T, N) and (B, T, 1);
-                cross_mask None means every position sees every vision token (lets SDPA use its fastest kernels).
+            images: the images of the batch, as `encoders.image_transform.collate_images` returns them
+                ({"pixel_values", "aspect_ratio_ids", "n_images", ...}): encoded, projected and attended in this
+                call — the path training takes (under FSDP every weight is then used inside this forward).
+            cross_kv, cross_mask, rows: precomputed image inputs (`cross_inputs`), the path generation takes: K/V
+                once per request. cross_mask None means every position sees every vision token.
             positions, mask, cache, cache_pos, last_only: as for `Llama.forward`.
+            Without images or cross_kv the cross blocks are skipped (text-only: bit-identical to the trunk).
         Returns:
             (B, T, V) fp32 logits.
         """
         if cache is not None and (mask is None or cache_pos is None):
             raise ValueError("a KV cache needs an explicit mask and cache_pos (see generate.py)")
+        if images is not None:
+            vision = self.encode_images(images["pixel_values"], images["aspect_ratio_ids"],
+                                        [int(n) for n in images["n_images"]])
+            cross_mask, rows = cross_attention_mask(tokens, self.image_id, vision.n_images, vision.tile_mask,
+                                                    vision.tokens_per_tile)
+            rows = rows.to(vision.tokens.dtype)
+            # Each block computes its K/V from the vision tokens inside its own forward.
+            cross_kv = [vision.tokens] * len(self.image_adapter.cross_attention_layers)
         if cross_kv is not None and rows is None:
             raise ValueError("cross_kv needs rows (and cross_mask, unless every vision token is visible)")
         h = self.embed(tokens)

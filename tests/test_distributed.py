@@ -62,3 +62,32 @@ def test_two_processes_train_like_one_and_resume_exactly(repeated_corpus, tmp_pa
     resumed = torchrun(2, repeated_corpus, tmp_path / "two", "--resume")
     assert sorted(resumed) == [4, 5, 6]
     assert all(abs(resumed[s] - two[s]) <= 1e-5 for s in resumed), (resumed, two)
+
+
+def test_image_adapter_trains_sharded_with_a_frozen_trunk(tmp_path):
+    """FSDP2 with frozen (trunk) and trainable (ViT, projection, cross blocks) parameters mixed in one model."""
+    from mm_llama.checkpoints.ours import read_index, read_safetensors
+    from mm_llama.data.synth_image import synth_image
+    from mm_llama.model import MMLlama
+    from mm_llama.train.checkpoint import latest_checkpoint
+
+    synth_image(tmp_path / "img", 32, seed=0, shard_size=8)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "mm_llama.cli", "train", "image-adapter", "--config",
+               str(REPO / "configs" / "demo" / "image_adapter.yaml"), "--trunk=null", "--trunk_preset=debug",
+               f"--data.shards={tmp_path / 'img'}", f"--data.tokenizer={tmp_path / 'img' / 'tokenizer.model'}",
+               "--data.num_workers=0", "--data.batch_size=2", f"--train.out_dir={tmp_path / 'run'}",
+               "--train.steps=3", "--train.log_every=1", "--train.device=cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO,
+                            env=os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 rank(s)" in result.stdout
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(5.0 < loss < 7.0 for loss in losses)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    model = MMLlama.from_pretrained(ckpt, dtype=None)  # the sharded run's checkpoint loads as one model
+    # Every parameter but the trunk's trains (and only those reach the optimizer).
+    trainable = [n for n, _ in model.named_parameters() if not n.startswith("trunk.")]
+    assert f"] {len(trainable)} trainable tensors" in result.stdout
+    adapter = read_safetensors(ckpt / read_index(ckpt)["parts"]["image_adapter"]["weights"])
+    assert any(k.endswith("gate_attn") and v.abs().item() > 0 for k, v in adapter.items())  # gates moved off 0

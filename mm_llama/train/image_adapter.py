@@ -121,8 +121,8 @@ class ImageAdapterStage:
         # <|image|> (= the vocabulary size) has no output row: it must never be a target.
         if int(labels.max()) >= model.trunk.config.vocab_size:
             raise TrainingError(f"labels hold id {int(labels.max())}, outside the output vocabulary")
-        vision = model.encode_images(batch["pixel_values"], batch["aspect_ratio_ids"], [1] * tokens.shape[0])
-        logits = model(tokens, **model.cross_inputs(tokens, vision))  # (B, L-1, V) fp32
+        images = {**batch, "n_images": [1] * tokens.shape[0]}
+        logits = model(tokens, images=images)  # (B, L-1, V) fp32; the whole model runs inside one forward (FSDP)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
     def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
