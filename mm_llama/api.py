@@ -22,18 +22,10 @@ def _generator(model) -> Generator:
 def _vision_inputs(model, images: Sequence) -> object | None:
     if not images:
         return None
-    from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images
-
     if model.vision is None:
         raise InputError("this model has no image encoder: ask without an image")
-    if len(images) > model.max_images:
-        raise InputError(f"{len(images)} images given; this model accepts at most {model.max_images} per question")
-    c = model.vision.config
-    transform = ImageTransform(ImageTransformConfig(tile_size=c.tile_size, max_tiles=c.max_tiles))
-    batch = collate_images([[transform(image) for image in images]])
-    weight = model.vision_projection.weight
-    return _generator(model).encode_images(batch["pixel_values"].to(weight.device, weight.dtype),
-                                           batch["aspect_ratio_ids"].to(weight.device), [len(images)])
+    batch = model.preprocess([list(images)])
+    return _generator(model).encode_images(batch["pixel_values"], batch["aspect_ratio_ids"], batch["n_images"])
 
 
 def ask_stream(model, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,

@@ -89,6 +89,22 @@ class MMLlama(nn.Module):
                            ) -> "MMLlama":
         return cls(trunk, vision=vision, image_adapter=ImageAdapter(trunk.config, config))
 
+    def preprocess(self, images: list[list], device: torch.device | str | None = None) -> dict:
+        """Raw images per sample -> the tiled, normalised batch `forward(images=...)` takes."""
+        from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images
+
+        if self.vision is None:
+            raise InputError("this model has no image encoder")
+        if any(len(sample) > self.max_images for sample in images):
+            raise InputError(f"a sample has more than {self.max_images} images, the most this model accepts")
+        c = self.vision.config
+        transform = ImageTransform(ImageTransformConfig(tile_size=c.tile_size, max_tiles=c.max_tiles))
+        batch = collate_images([[transform(image) for image in sample] for sample in images])
+        weight = self.vision_projection.weight
+        device = weight.device if device is None else device
+        return {"pixel_values": batch["pixel_values"].to(device, weight.dtype),
+                "aspect_ratio_ids": batch["aspect_ratio_ids"].to(device), "n_images": batch["n_images"].tolist()}
+
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                       n_images: list[int], encoder=None) -> VisionInputs:
         """Tiled images (B, I, Tiles, 3, S, S) with their ratio ids (B, I) -> projected vision tokens and masks.
@@ -133,9 +149,10 @@ class MMLlama(nn.Module):
         """Logits for `tokens` (B, T), attending to images.
 
         Args:
-            images: the images of the batch, as `encoders.image_transform.collate_images` returns them
-                ({"pixel_values", "aspect_ratio_ids", "n_images", ...}): encoded, projected and attended in this
-                call — the path training takes (under FSDP every weight is then used inside this forward).
+            images: the images of the batch: a list per sample of paths / PIL images / uint8 arrays, or what
+                `preprocess` (`encoders.image_transform.collate_images`) returns ({"pixel_values",
+                "aspect_ratio_ids", "n_images", ...}); encoded, projected and attended in this call — the path
+                training takes (under FSDP every weight is then used inside this forward).
             cross_kv, cross_mask, rows: precomputed image inputs (`cross_inputs`), the path generation takes: K/V
                 once per request. cross_mask None means every position sees every vision token.
             positions, mask, cache, cache_pos, last_only: as for `Llama.forward`.
@@ -145,6 +162,8 @@ class MMLlama(nn.Module):
         """
         if cache is not None and (mask is None or cache_pos is None):
             raise ValueError("a KV cache needs an explicit mask and cache_pos (see generate.py)")
+        if isinstance(images, list):  # raw images per sample (DESIGN §5): paths, PIL images, uint8 arrays
+            images = self.preprocess(images, device=tokens.device)
         if images is not None:
             vision = self.encode_images(images["pixel_values"], images["aspect_ratio_ids"],
                                         [int(n) for n in images["n_images"]])

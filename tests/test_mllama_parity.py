@@ -168,7 +168,11 @@ def test_ask_answers_about_an_image_and_checks_its_inputs(tmp_path):
     ids = Generator(model).generate([prompt], Sampling(max_new_tokens=8), tok.stop_tokens, vision=vision)[0]
     assert answer == tok.decode(ids) and len(ids) > 0
     assert "".join(model.ask_stream("What colour is it?", image=str(picture), max_new_tokens=8)) == answer
-    with pytest.raises(InputError, match="at most 8"):
+    with torch.no_grad():  # DESIGN §5's forward: raw images per sample, the same function as the generation path
+        one = torch.tensor([prompt])
+        cross = model.cross_inputs(one, vision)
+        assert torch.equal(model(one, images=[[str(picture)]]), model(one, **cross))
+    with pytest.raises(InputError, match="at most 8|more than 8"):
         model.ask("?", images=[str(picture)] * 9)
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(InputError, match="empty.png"):
