@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images, load_image
-from mm_llama.data.pipeline import BadSample, ShardSamples, expand_shards, iterate_batches
+from mm_llama.data.pipeline import BadSample, ShardSamples, check_rank, expand_shards, is_int, iterate_batches
 from mm_llama.errors import ConfigError, InputError
 from mm_llama.tokenizer import Tokenizer
 
@@ -34,10 +34,6 @@ __all__ = ["CAPTION_PROMPT", "IGNORE", "ImageDataConfig", "ImageTextBatches"]
 CAPTION_PROMPT = "Describe the image."
 IGNORE = -100  # label of positions the loss skips (F.cross_entropy's ignore_index)
 _IMAGE_MEMBERS = ("png", "jpg", "jpeg")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -79,7 +75,7 @@ class ImageDataConfig:
                 problems.append(f"data.{name} must be a non-empty path, got {getattr(self, name)!r}")
         for name, low in (("tile_size", 1), ("max_tiles", 1), ("seq_len", 2), ("batch_size", 1),
                           ("shuffle_buffer", 0), ("seed", 0), ("num_workers", 0)):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
+            if not is_int(getattr(self, name)) or getattr(self, name) < low:
                 problems.append(f"data.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         if not isinstance(self.resampled, bool):
             problems.append(f"data.resampled must be true or false, got {self.resampled!r}")
@@ -203,8 +199,7 @@ class ImageTextBatches:
     """
 
     def __init__(self, config: ImageDataConfig, *, rank: int = 0, world_size: int = 1):
-        if not (_is_int(rank) and _is_int(world_size) and 0 <= rank < world_size):
-            raise InputError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
+        check_rank(rank, world_size)
         self.config = config
         self.tokenizer = Tokenizer.from_file(config.tokenizer)
         self.shards = expand_shards(config.shards)

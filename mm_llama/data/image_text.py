@@ -19,7 +19,7 @@ from PIL import Image
 
 from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images, load_image
 from mm_llama.data.image import ImageDataConfig
-from mm_llama.data.pipeline import BadSample, ShardSamples, expand_shards, iterate_batches
+from mm_llama.data.pipeline import BadSample, ShardSamples, check_rank, expand_shards, iterate_batches
 from mm_llama.errors import ConfigError, InputError
 
 __all__ = ["ImageCaptionBatches"]
@@ -89,8 +89,7 @@ class ImageCaptionBatches:
         if config.task != "caption":
             raise ConfigError(f"contrastive batches pair images with their 'txt' captions: set data.task to "
                               f"'caption' (got {config.task!r})")
-        if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
-            raise InputError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
+        check_rank(rank, world_size)
         self.config = config
         self.shards = expand_shards(config.shards)
         transform = ImageTransform(ImageTransformConfig(tile_size=config.tile_size, max_tiles=config.max_tiles))

@@ -39,7 +39,7 @@ from webdataset.gopen import gopen
 
 from mm_llama.errors import DataError, InputError
 
-__all__ = ["BadSample", "ShardSamples", "SkipCounter", "expand_shards", "iterate_batches"]
+__all__ = ["BadSample", "ShardSamples", "SkipCounter", "check_rank", "expand_shards", "is_int", "iterate_batches"]
 
 log = logging.getLogger("mm_llama.data")
 _BLOCK = 512
@@ -47,6 +47,17 @@ _ZERO_BLOCK = bytes(_BLOCK)
 # Members whose data blocks describe the next member (GNU long name/link, pax headers) rather than being a file.
 _EXTENSION_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
                     tarfile.SOLARIS_XHDTYPE)
+
+
+def is_int(value: object) -> bool:
+    """A real integer (bool is not one here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_rank(rank: object, world_size: object) -> None:
+    """A data-parallel position every dataset checks the same way."""
+    if not (is_int(rank) and is_int(world_size) and 0 <= rank < world_size):
+        raise InputError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
 
 
 class BadSample(Exception):

@@ -10,15 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mm_llama.data.pipeline import BadSample, ShardSamples, expand_shards, iterate_batches
-from mm_llama.errors import ConfigError, InputError
+from mm_llama.data.pipeline import BadSample, ShardSamples, check_rank, expand_shards, is_int, iterate_batches
+from mm_llama.errors import ConfigError
 from mm_llama.tokenizer import Tokenizer
 
 __all__ = ["TextBatches", "TextDataConfig", "decode_text"]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -54,7 +50,7 @@ class TextDataConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 problems.append(f"data.{name} must be a non-empty path, got {getattr(self, name)!r}")
         for name, low in (("seq_len", 2), ("batch_size", 1), ("shuffle_buffer", 0), ("seed", 0), ("num_workers", 0)):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
+            if not is_int(getattr(self, name)) or getattr(self, name) < low:
                 problems.append(f"data.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         if not isinstance(self.resampled, bool):
             problems.append(f"data.resampled must be true or false, got {self.resampled!r}")
@@ -117,8 +113,7 @@ class TextBatches:
     """
 
     def __init__(self, config: TextDataConfig, *, rank: int = 0, world_size: int = 1):
-        if not (_is_int(rank) and _is_int(world_size) and 0 <= rank < world_size):
-            raise InputError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
+        check_rank(rank, world_size)
         self.config = config
         self.tokenizer = Tokenizer.from_file(config.tokenizer)
         self.shards = expand_shards(config.shards)
