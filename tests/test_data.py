@@ -155,12 +155,12 @@ def test_fast_forward_skips_before_tokenizing(tmp_path, tok_path):
     write_shards(tmp_path / "d", corpus(2, 30))
     source = TextBatches(config(tmp_path / "d", tok_path, shuffle_buffer=8, resampled=True))
     calls = []
-    prepare = source._samples.prepare
-    source._samples.prepare = lambda text: calls.append(text) or prepare(text)
+    prepare = source._source.samples.prepare
+    source._source.samples.prepare = lambda text: calls.append(text) or prepare(text)
     resumed = list(itertools.islice(source.batches(start=50), 2))
     # 2 batches of 4, plus the one sample read ahead before a full batch is handed out; none of the 200 skipped.
     assert len(calls) == 9
-    source._samples.prepare = prepare
+    source._source.samples.prepare = prepare
     assert_same(resumed, take(source, 52)[50:])
 
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images, load_image
-from mm_llama.data.pipeline import BadSample, ShardSamples, check_rank, expand_shards, is_int, iterate_batches
+from mm_llama.data.pipeline import BadSample, ShardBatches, is_int
 from mm_llama.errors import ConfigError, InputError
 from mm_llama.tokenizer import Tokenizer
 
@@ -199,16 +199,13 @@ class ImageTextBatches:
     """
 
     def __init__(self, config: ImageDataConfig, *, rank: int = 0, world_size: int = 1):
-        check_rank(rank, world_size)
         self.config = config
         self.tokenizer = Tokenizer.from_file(config.tokenizer)
-        self.shards = expand_shards(config.shards)
         transform = ImageTransform(ImageTransformConfig(tile_size=config.tile_size, max_tiles=config.max_tiles))
-        self._samples = ShardSamples(
-            self.shards, decode=_Decode(config.task, config.seed),
-            prepare=_Prepare(self.tokenizer, transform, config.seq_len), rank=rank, world_size=world_size,
-            shuffle_buffer=config.shuffle_buffer, seed=config.seed, resampled=config.resampled,
-            max_skip_fraction=config.max_skip_fraction)
+        self._source = ShardBatches(config, rank=rank, world_size=world_size, decode=_Decode(config.task, config.seed),
+                                    prepare=_Prepare(self.tokenizer, transform, config.seq_len),
+                                    collate=_Collate(self.tokenizer.pad_id))
+        self.shards = self._source.shards
 
     def batches(self, start: int = 0) -> Iterator[dict]:
         """Batches from batch `start` on (what a fresh call yields from its `start`-th batch, exactly).
@@ -221,6 +218,4 @@ class ImageTextBatches:
             (B, L), the token on the answer and its `<|eot_id|>` and -100 elsewhere, "skipped": bad samples since the
             previous batch, "samples": B}. `DataError` when too many samples are bad.
         """
-        return iterate_batches(self._samples, batch_size=self.config.batch_size,
-                               collate=_Collate(self.tokenizer.pad_id), num_workers=self.config.num_workers,
-                               start=start)
+        return self._source.batches(start)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images, load_image
 from mm_llama.data.image import ImageDataConfig
-from mm_llama.data.pipeline import BadSample, ShardSamples, check_rank, expand_shards, iterate_batches
+from mm_llama.data.pipeline import BadSample, ShardBatches
 from mm_llama.errors import ConfigError, InputError
 
 __all__ = ["ImageCaptionBatches"]
@@ -89,14 +89,11 @@ class ImageCaptionBatches:
         if config.task != "caption":
             raise ConfigError(f"contrastive batches pair images with their 'txt' captions: set data.task to "
                               f"'caption' (got {config.task!r})")
-        check_rank(rank, world_size)
         self.config = config
-        self.shards = expand_shards(config.shards)
         transform = ImageTransform(ImageTransformConfig(tile_size=config.tile_size, max_tiles=config.max_tiles))
-        self._samples = ShardSamples(
-            self.shards, decode=_decode, prepare=_Prepare(transform), rank=rank, world_size=world_size,
-            shuffle_buffer=config.shuffle_buffer, seed=config.seed, resampled=config.resampled,
-            max_skip_fraction=config.max_skip_fraction)
+        self._source = ShardBatches(config, rank=rank, world_size=world_size, decode=_decode,
+                                    prepare=_Prepare(transform), collate=_collate)
+        self.shards = self._source.shards
 
     def batches(self, start: int = 0) -> Iterator[dict]:
         """Batches from batch `start` on (what a fresh call yields from its `start`-th batch, exactly).
@@ -106,5 +103,4 @@ class ImageCaptionBatches:
             long (B, 1), "captions": list of B str, "skipped": bad samples since the previous batch, "samples": B}.
             `DataError` when too many samples are bad.
         """
-        return iterate_batches(self._samples, batch_size=self.config.batch_size, collate=_collate,
-                               num_workers=self.config.num_workers, start=start)
+        return self._source.batches(start)

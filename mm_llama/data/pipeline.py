@@ -39,7 +39,8 @@ from webdataset.gopen import gopen
 
 from mm_llama.errors import DataError, InputError
 
-__all__ = ["BadSample", "ShardSamples", "SkipCounter", "check_rank", "expand_shards", "is_int", "iterate_batches"]
+__all__ = ["BadSample", "ShardBatches", "ShardSamples", "SkipCounter", "check_rank", "expand_shards", "is_int",
+           "iterate_batches"]
 
 log = logging.getLogger("mm_llama.data")
 _BLOCK = 512
@@ -405,3 +406,28 @@ def _batches(samples: ShardSamples, batch_size: int, collate: Callable[[list], d
     elif held is not None:
         held["skipped"] += skipped
         yield held
+
+
+class ShardBatches:
+    """One rank's batches of a data section (`shards`, `batch_size`, `shuffle_buffer`, `seed`, `resampled`,
+    `num_workers`, `max_skip_fraction`), with a modality's decode / prepare / collate: what every dataset class
+    (text, image-text, image-caption) builds on.
+
+    Args:
+        config: the data section.
+        rank, world_size: this process among the data-parallel ranks; each rank reads different shards.
+    """
+
+    def __init__(self, config: Any, *, rank: int, world_size: int, decode: Callable[[dict], Any],
+                 prepare: Callable[[Any], Any], collate: Callable[[list], dict]):
+        check_rank(rank, world_size)
+        self.config, self.collate = config, collate
+        self.shards = expand_shards(config.shards)
+        self.samples = ShardSamples(self.shards, decode=decode, prepare=prepare, rank=rank, world_size=world_size,
+                                    shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                                    resampled=config.resampled, max_skip_fraction=config.max_skip_fraction)
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """Batches from batch `start` on: exactly what a fresh call yields from its `start`-th batch."""
+        return iterate_batches(self.samples, batch_size=self.config.batch_size, collate=self.collate,
+                               num_workers=self.config.num_workers, start=start)

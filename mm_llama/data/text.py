@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mm_llama.data.pipeline import BadSample, ShardSamples, check_rank, expand_shards, is_int, iterate_batches
+from mm_llama.data.pipeline import BadSample, ShardBatches, is_int
 from mm_llama.errors import ConfigError
 from mm_llama.tokenizer import Tokenizer
 
@@ -113,14 +113,12 @@ class TextBatches:
     """
 
     def __init__(self, config: TextDataConfig, *, rank: int = 0, world_size: int = 1):
-        check_rank(rank, world_size)
         self.config = config
         self.tokenizer = Tokenizer.from_file(config.tokenizer)
-        self.shards = expand_shards(config.shards)
-        self._samples = ShardSamples(
-            self.shards, decode=decode_text, prepare=_TokenRow(self.tokenizer, config.seq_len), rank=rank,
-            world_size=world_size, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-            resampled=config.resampled, max_skip_fraction=config.max_skip_fraction)
+        self._source = ShardBatches(config, rank=rank, world_size=world_size, decode=decode_text,
+                                    prepare=_TokenRow(self.tokenizer, config.seq_len),
+                                    collate=_PadRows(self.tokenizer.pad_id))
+        self.shards = self._source.shards
 
     def batches(self, start: int = 0) -> Iterator[dict]:
         """Batches from batch `start` on (what a fresh call yields from its `start`-th batch, exactly).
@@ -132,6 +130,4 @@ class TextBatches:
             "skipped": bad samples since the previous batch, "samples": B}. Rows are `[bos] + ids + [eos]` cut to
             seq_len and right-padded with the tokenizer's pad id. `DataError` when too many samples are bad.
         """
-        collate = _PadRows(self.tokenizer.pad_id)
-        return iterate_batches(self._samples, batch_size=self.config.batch_size, collate=collate,
-                               num_workers=self.config.num_workers, start=start)
+        return self._source.batches(start)
