@@ -63,3 +63,21 @@ def hf_checkpoint(tmp_path):
     """(directory, HF model) of a tiny GQA model with Llama 3.1 rope scaling and an untied head."""
     path = tmp_path / "hf"
     return path, make_hf_checkpoint(path)
+
+
+class Crash(Exception):
+    """The process died (raised by `crash_after`)."""
+
+
+def crash_after(stage, n_batches: int):
+    """Make a training stage's data source die once `n_batches` have been taken: a process that died mid-run."""
+    batches = stage.batches
+
+    def limited(runtime, start):
+        for i, batch in enumerate(batches(runtime, start), start=start):
+            if i >= n_batches:
+                raise Crash(f"killed after {n_batches} batches")
+            yield batch
+
+    stage.batches = limited
+    return stage

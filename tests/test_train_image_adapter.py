@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import Crash, crash_after
 from mm_llama.config import from_dict
 from mm_llama.data.image import CAPTION_PROMPT, ImageDataConfig, ImageTextBatches
 from mm_llama.data.synth_image import synth_image
@@ -196,17 +197,9 @@ def test_frozen_vision_stays_bit_identical(shapes, tmp_path):
 
 def test_resume_through_the_loop_gives_the_same_losses(shapes, tmp_path):
     full = train(s := stage_for(shapes, tmp_path / "full", steps=6, checkpoint_every=2), s.config.train)
-    part = stage_for(shapes, tmp_path / "part", steps=6, checkpoint_every=2)
-    batches = part.batches
-
-    def dies_after_5(runtime, start):  # the process dies during step 5 (after the checkpoint of step 4)
-        for i, batch in enumerate(batches(runtime, start), start=start):
-            if i >= 4:
-                raise KeyboardInterrupt
-            yield batch
-
-    part.batches = dies_after_5
-    with pytest.raises(KeyboardInterrupt):
+    # The process dies during step 5 (after the checkpoint of step 4).
+    part = crash_after(stage_for(shapes, tmp_path / "part", steps=6, checkpoint_every=2), n_batches=4)
+    with pytest.raises(Crash):
         train(part, part.config.train)
     resumed = train(s := stage_for(shapes, tmp_path / "part", steps=6, checkpoint_every=2), s.config.train,
                     resume=True)  # stage.load gives back every trainable tensor by name

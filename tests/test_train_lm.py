@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import Crash, crash_after
 from mm_llama.checkpoints import load_llama
 from mm_llama.config import load_config
 from mm_llama.data.synth_text import synth_text
@@ -43,24 +44,6 @@ def overrides(corpus: Path, run: Path, **train) -> list[str]:
 
 def stage_for(corpus, run, **train) -> LMStage:
     return LMStage(load_config(LMStageConfig, DEMO_CONFIG, overrides(corpus, run, **train)))
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(stage: LMStage, n_batches: int) -> LMStage:
-    """Make the stage's data source die after `n_batches` (a process that died between steps)."""
-    batches = stage.batches
-
-    def limited(runtime, start):
-        for i, batch in enumerate(batches(runtime, start), start=start):
-            if i >= n_batches:
-                raise Crash(f"killed after {n_batches} batches")
-            yield batch
-
-    stage.batches = limited
-    return stage
 
 
 def test_loss_falls_and_the_trunk_loads_and_generates(corpus, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import Crash, crash_after
 from encoders.vision import VisionEncoder
 from mm_llama.checkpoints.ours import read_index, read_ours_parts
 from mm_llama.config import from_dict
@@ -137,17 +138,9 @@ def test_logit_scale_is_learnt_and_clamped(trained):
 
 def test_resume_through_the_loop_gives_the_same_losses(shapes, tmp_path):
     full = train(s := stage_for(shapes, tmp_path / "full", steps=6, checkpoint_every=2), s.config.train)
-    part = stage_for(shapes, tmp_path / "part", steps=6, checkpoint_every=2)
-    batches = part.batches
-
-    def dies_after_5(runtime, start):  # the process dies during step 5 (after the checkpoint of step 4)
-        for i, batch in enumerate(batches(runtime, start), start=start):
-            if i >= 4:
-                raise KeyboardInterrupt
-            yield batch
-
-    part.batches = dies_after_5
-    with pytest.raises(KeyboardInterrupt):
+    # The process dies during step 5 (after the checkpoint of step 4).
+    part = crash_after(stage_for(shapes, tmp_path / "part", steps=6, checkpoint_every=2), n_batches=4)
+    with pytest.raises(Crash):
         train(part, part.config.train)
     resumed = train(s := stage_for(shapes, tmp_path / "part", steps=6, checkpoint_every=2), s.config.train,
                     resume=True)
