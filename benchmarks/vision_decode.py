@@ -19,8 +19,7 @@ import torch
 
 from adapters.cross_attention import CrossAttentionConfig
 from encoders.vision import VisionConfig, VisionEncoder
-from encoders.vision_hf import vision_state_to_hf
-from mm_llama.checkpoints.mllama_hf import text_state_to_hf
+from mm_llama.checkpoints.mllama import hf_mllama_config, hub_to_runtime, mmllama_state_to_hf
 from mm_llama.generate import Generator, Sampling
 from mm_llama.llama import Llama, LlamaConfig
 from mm_llama.model import MMLlama
@@ -49,35 +48,17 @@ def build(device: torch.device, dtype: torch.dtype, gpu: bool) -> MMLlama:
 
 
 def build_hf(model: MMLlama, device: torch.device, dtype: torch.dtype):
-    """transformers' Mllama with our weights (runtime names), sharing tensors where no permutation is needed."""
+    """transformers' Mllama with our weights, through the library's own conversion (config.json and tensor names)."""
     import transformers
     from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
 
-    t, v = model.trunk.config, model.vision.config
-    schedule = model.image_adapter.schedule
-    text = dict(vocab_size=t.vocab_size, hidden_size=t.dim, intermediate_size=t.ffn_hidden_dim,
-                num_hidden_layers=t.n_layers + len(schedule), num_attention_heads=t.n_heads,
-                num_key_value_heads=t.n_kv_heads, rms_norm_eps=t.norm_eps, max_position_embeddings=t.max_seq_len,
-                cross_attention_layers=[s + j for j, s in enumerate(schedule)], bos_token_id=1, eos_token_id=2,
-                pad_token_id=0, rope_parameters={"rope_type": "llama3", "rope_theta": t.rope_theta,
-                                                 "factor": t.rope_scaling_factor,
-                                                 "low_freq_factor": t.rope_low_freq_factor,
-                                                 "high_freq_factor": t.rope_high_freq_factor,
-                                                 "original_max_position_embeddings": t.rope_original_context})
-    vision = dict(hidden_size=v.width, num_hidden_layers=v.n_layers, num_global_layers=v.n_global_layers,
-                  attention_heads=v.n_heads, intermediate_size=v.mlp_dim, image_size=v.tile_size,
-                  patch_size=v.patch_size, max_num_tiles=v.max_tiles,
-                  intermediate_layers_indices=list(v.intermediate_layers), vision_output_dim=v.output_dim)
-    config = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=t.vocab_size)
+    t, v, cross = model.trunk.config, model.vision.config, model.image_adapter.config
+    config = transformers.MllamaConfig.from_dict(hf_mllama_config(t, v, cross, dtype))
     with torch.device("meta"):
         hf = transformers.MllamaForConditionalGeneration(config)
-    state = model.state_dict()
-    hf_state = text_state_to_hf(state, t, schedule, prefix="model.language_model.")
-    hf_state |= vision_state_to_hf({k[len("vision."):]: x for k, x in state.items() if k.startswith("vision.")}, v,
-                                   prefix="model.vision_model.")
-    hf_state["model.multi_modal_projector.weight"] = state["vision_projection.weight"]
-    hf_state["model.multi_modal_projector.bias"] = state["vision_projection.bias"]
-    hf.load_state_dict({k: x.to(device, dtype) for k, x in hf_state.items()}, strict=True, assign=True)
+    state = mmllama_state_to_hf(model.state_dict(), t, v, cross)
+    hf.load_state_dict({hub_to_runtime(k): x.to(device, dtype) for k, x in state.items()}, strict=True, assign=True)
+    # The rotary buffer is not in the state dict: build it for real on the weights' device.
     hf.model.language_model.rotary_emb = MllamaRotaryEmbedding(config.text_config).to(device)
     return hf.eval()
 

@@ -135,11 +135,12 @@ def test_from_pretrained_reads_transformers_directories(reference, tmp_path):
     runtime = tmp_path / "runtime"
     runtime.mkdir()
     (runtime / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
-    renames = [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-               ("vision_model.", "model.vision_model."), ("multi_modal_projector.", "model.multi_modal_projector.")]
+    from mm_llama.checkpoints.mllama import hub_to_runtime
+
     hub = load_file(tmp_path / "hub" / "model.safetensors")
-    save_file({next((n + k[len(o):] for o, n in renames if k.startswith(o)), k): v for k, v in hub.items()},
-              runtime / "model.safetensors")
+    renamed = {hub_to_runtime(k): v for k, v in hub.items()}
+    assert any(k.startswith("model.language_model.") for k in renamed) and renamed.keys().isdisjoint(hub)
+    save_file(renamed, runtime / "model.safetensors")
     model = MMLlama.from_pretrained(runtime, hf_compat=True, dtype=torch.float32)
     assert (our_logits(model, tokens, batch) - expected).abs().max().item() <= 1e-4
 

@@ -29,6 +29,11 @@ _HUB_TO_RUNTIME = [("language_model.model.", "model.language_model."), ("languag
 _TEXT_ONLY_KEYS = {"cross_attention_layers", "dropout", "model_type", "use_cache", "initializer_range"}
 
 
+def hub_to_runtime(key: str) -> str:
+    """A hub tensor name -> the name of the same tensor in transformers >= 4.52's module tree."""
+    return next((new + key[len(old):] for old, new in _HUB_TO_RUNTIME if key.startswith(old)), key)
+
+
 def is_hf_mllama(path: Path) -> bool:
     return (path / HF_CONFIG).is_file() and read_json(path / HF_CONFIG).get("model_type") == "mllama"
 
@@ -70,8 +75,7 @@ def read_hf_mllama(path: Path, *, hf_compat: bool) -> tuple[LlamaConfig, object,
     for file, keys in by_file.items():
         with _open_safetensors(file) as f:
             for key in keys:
-                name = next((new + key[len(old):] for old, new in _HUB_TO_RUNTIME if key.startswith(old)), key)
-                hf[name] = f.get_tensor(key)
+                hf[hub_to_runtime(key)] = f.get_tensor(key)
     try:
         state = mmllama_state_from_hf(hf, trunk, vision, fusion_schedule(trunk.n_layers, cross.n_layers))
     except KeyError as e:
