@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from adapters.media_tokens import N_MEDIA_ROWS
 from mm_llama.errors import InputError
 from mm_llama.llama import Llama
 from mm_llama.tokenizer import StreamDecoder, Tokenizer
@@ -144,7 +145,7 @@ class Generator:
     def __init__(self, model: nn.Module, *, compile: bool = False):
         self.model = model
         self.trunk: Llama = getattr(model, "trunk", model)
-        self.vocab_limit = self.trunk.config.vocab_size + (8 if model is not self.trunk else 0)  # + media rows
+        self.vocab_limit = self.trunk.config.vocab_size + (N_MEDIA_ROWS if model is not self.trunk else 0)
         self.device = self.trunk.tok_embeddings.weight.device
         if compile and self.device.type != "cuda":
             raise InputError(f"compile=True needs a CUDA model (this one is on {self.device})")
