@@ -64,7 +64,7 @@ def shutdown(runtime: Runtime) -> None:
 
 
 def prepare_model(model: nn.Module, blocks: Sequence[nn.Module], runtime: Runtime, *, bf16: bool,
-                  activation_checkpointing: bool, compile: bool, cpu_offload: bool) -> None:
+                  checkpointed: Sequence[nn.Module] = (), compile: bool, cpu_offload: bool) -> None:
     """Activation checkpointing, torch.compile and FSDP2, applied in place per block (torchtitan's order) so that
     parameter names never change.
 
@@ -73,8 +73,9 @@ def prepare_model(model: nn.Module, blocks: Sequence[nn.Module], runtime: Runtim
     """
     from torch.distributed._composable import checkpoint
 
+    recompute = {id(block) for block in checkpointed}  # activation checkpointing: a subset of `blocks`
     for block in blocks:
-        if activation_checkpointing:
+        if id(block) in recompute:
             checkpoint(block)
         if compile:
             block.compile()

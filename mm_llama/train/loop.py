@@ -90,7 +90,9 @@ class Stage(Protocol):
         """The whole model on `runtime.device`, fp32, with frozen parts already `requires_grad_(False)`."""
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        """Units for FSDP sharding, activation checkpointing and compilation (e.g. transformer layers)."""
+        """Units for FSDP sharding, activation checkpointing and compilation (e.g. transformer layers). A stage may
+        also define `checkpoint_blocks(model)`: the subset worth recomputing under `activation_checkpointing`
+        (default: all of them)."""
 
     def batches(self, runtime: Runtime, start: int) -> Iterator[dict]:
         """This rank's batches from batch number `start` on, deterministically (exact resume)."""
@@ -138,7 +140,19 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen floating-point parameters in `dtype` (buffers such as RoPE tables keep theirs); returns how
+    many bytes that saved. With bf16 compute a frozen weight is only ever read in bf16, and released checkpoints are
+    bf16: an fp32 copy of a frozen 8B trunk would hold 16 GB more and add nothing."""
+    saved = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
+            p.data = p.data.to(dtype)
+    return saved
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     if not decay and not no_decay:
@@ -176,11 +190,14 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = stage.build(runtime)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and runtime.device.type == "cuda")
-    prepare_model(model, stage.blocks(model), runtime, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
-                  compile=cfg.compile, cpu_offload=cfg.cpu_offload)
+    if bf16 and not runtime.distributed:  # (FSDP2 shards frozen weights instead, and gathers them in bf16)
+        cast_frozen(model, torch.bfloat16)
+    checkpointed = getattr(stage, "checkpoint_blocks", stage.blocks)(model) if cfg.activation_checkpointing else []
+    prepare_model(model, stage.blocks(model), runtime, bf16=bf16, checkpointed=checkpointed, compile=cfg.compile,
+                  cpu_offload=cfg.cpu_offload)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(model, cfg, runtime.device)
+    optimizer = build_optimizer(model, cfg, runtime.device)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     step, data_position = 0, 0
