@@ -2,6 +2,7 @@
 sharded run resumes exactly. (The GPU figures of the same code are in benchmarks/train_lm.py.)"""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -91,3 +92,50 @@ def test_image_adapter_trains_sharded_with_a_frozen_trunk(tmp_path):
     assert f"] {len(trainable)} trainable tensors" in result.stdout
     adapter = read_safetensors(ckpt / read_index(ckpt)["parts"]["image_adapter"]["weights"])
     assert any(k.endswith("gate_attn") and v.abs().item() > 0 for k, v in adapter.items())  # gates moved off 0
+
+
+def test_vision_pretrain_two_processes_give_the_global_contrastive_loss(tmp_path):
+    """Two ranks gather each other's embeddings (with gradients): their first loss is the one-process CLIP loss of
+    the concatenated global batch, so every caption of every rank is a negative."""
+    import torch
+    from open_clip.loss import ClipLoss
+
+    from mm_llama.config import from_dict, to_yaml
+    from mm_llama.data.synth_image import synth_image
+    from mm_llama.train.distributed import Runtime
+    from mm_llama.train.vision_pretrain import VisionPretrainStage, VisionPretrainStageConfig
+
+    synth_image(tmp_path / "img", 32, seed=0, shard_size=8)
+    config = from_dict(VisionPretrainStageConfig, {
+        "vision": {"preset": "debug", "tile_size": 56, "max_tiles": 1}, "text_model": "ViT-S-32",
+        "text_cfg": {"width": 64, "heads": 2, "layers": 2}, "embed_dim": 32,
+        "data": {"shards": str(tmp_path / "img"), "tokenizer": str(tmp_path / "img" / "tokenizer.model"),
+                 "tile_size": 56, "max_tiles": 1, "batch_size": 4, "shuffle_buffer": 8, "num_workers": 0,
+                 "task": "caption"},
+        "train": {"out_dir": str(tmp_path / "run"), "steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+                  "device": "cpu"}})
+    (tmp_path / "config.yaml").write_text(to_yaml(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "mm_llama.cli", "train", "vision-pretrain", "--config",
+               str(tmp_path / "config.yaml")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO,
+                            env=os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 rank(s)" in result.stdout
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+
+    # The same first step in one process: the initial weights (the loop's seed) on both ranks' first batches.
+    stage = VisionPretrainStage(config)
+    torch.manual_seed(config.train.seed)
+    model = stage.build(Runtime(0, 1, torch.device("cpu"), False))
+    batches = [next(stage.batches(Runtime(r, 2, torch.device("cpu"), False), 0)) for r in (0, 1)]
+    with torch.no_grad():
+        image, text, scale = model(torch.cat([b["pixel_values"] for b in batches]),
+                                   torch.cat([b["aspect_ratio_ids"] for b in batches]),
+                                   torch.cat([b["text"] for b in batches]))
+        expected = ClipLoss()(image, text, scale).item()
+        # Without the gather each rank would see only its own 4 captions: a different loss.
+        local = sum(ClipLoss()(image[h], text[h], scale).item() for h in (slice(0, 4), slice(4, 8))) / 2
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
+    assert abs(losses[0] - expected) < 1e-5, (losses[0], expected)
+    assert abs(local - expected) > 1e-2, (local, expected)
