@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images, load_image
-from mm_llama.data.pipeline import BadSample, ShardBatches, is_int
+from mm_llama.data.pipeline import BadSample, ShardBatches, shard_config_problems
 from mm_llama.errors import ConfigError, InputError
 from mm_llama.tokenizer import Tokenizer
 
@@ -69,19 +69,8 @@ class ImageDataConfig:
     task: Literal["qa", "caption", "mixed"] = "mixed"
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("shards", "tokenizer"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                problems.append(f"data.{name} must be a non-empty path, got {getattr(self, name)!r}")
-        for name, low in (("tile_size", 1), ("max_tiles", 1), ("seq_len", 2), ("batch_size", 1),
-                          ("shuffle_buffer", 0), ("seed", 0), ("num_workers", 0)):
-            if not is_int(getattr(self, name)) or getattr(self, name) < low:
-                problems.append(f"data.{name} must be an integer >= {low}, got {getattr(self, name)!r}")
-        if not isinstance(self.resampled, bool):
-            problems.append(f"data.resampled must be true or false, got {self.resampled!r}")
-        f = self.max_skip_fraction
-        if not isinstance(f, int | float) or isinstance(f, bool) or not 0 <= f <= 1:
-            problems.append(f"data.max_skip_fraction must be a number in [0, 1], got {f!r}")
+        problems = shard_config_problems(self, {"tile_size": 1, "max_tiles": 1, "seq_len": 2, "batch_size": 1,
+                                                "shuffle_buffer": 0, "seed": 0, "num_workers": 0})
         if self.task not in ("qa", "caption", "mixed"):
             problems.append(f"data.task must be 'qa', 'caption' or 'mixed', got {self.task!r}")
         if problems:

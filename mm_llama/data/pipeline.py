@@ -24,35 +24,45 @@ import copy
 import logging
 import math
 import random
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 
+from mm_llama.data.tar_reader import Damage, read_shard
 from mm_llama.errors import DataError, InputError
 
 __all__ = ["BadSample", "ShardBatches", "ShardSamples", "SkipCounter", "check_rank", "expand_shards", "is_int",
-           "iterate_batches"]
+           "iterate_batches", "shard_config_problems"]
 
 log = logging.getLogger("mm_llama.data")
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-# Members whose data blocks describe the next member (GNU long name/link, pax headers) rather than being a file.
-_EXTENSION_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                    tarfile.SOLARIS_XHDTYPE)
-
-
 def is_int(value: object) -> bool:
     """A real integer (bool is not one here)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shard_config_problems(config: object, minimums: dict[str, int]) -> list[str]:
+    """What is wrong with the fields every shard-reading data config has (shards, tokenizer, resampled,
+    max_skip_fraction) and with the integer fields named in `minimums` (name -> smallest allowed value)."""
+    problems = []
+    for name in ("shards", "tokenizer"):
+        if not isinstance(getattr(config, name), str) or not getattr(config, name):
+            problems.append(f"data.{name} must be a non-empty path, got {getattr(config, name)!r}")
+    for name, low in minimums.items():
+        if not is_int(getattr(config, name)) or getattr(config, name) < low:
+            problems.append(f"data.{name} must be an integer >= {low}, got {getattr(config, name)!r}")
+    if not isinstance(config.resampled, bool):
+        problems.append(f"data.resampled must be true or false, got {config.resampled!r}")
+    f = config.max_skip_fraction
+    if not isinstance(f, int | float) or isinstance(f, bool) or not 0 <= f <= 1:
+        problems.append(f"data.max_skip_fraction must be a number in [0, 1], got {f!r}")
+    return problems
 
 
 def check_rank(rank: object, world_size: object) -> None:
@@ -63,12 +73,6 @@ def check_rank(rank: object, world_size: object) -> None:
 
 class BadSample(Exception):
     """Raised by a modality's `decode` for a sample it cannot use; the pipeline skips and counts it."""
-
-
-class _Damage(NamedTuple):
-    """A region of a shard that yields no sample: a corrupt header, a cut-off archive, a duplicate member."""
-
-    reason: str
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -155,76 +159,6 @@ class SkipCounter:
         return n, self.shard, self.reason
 
 
-def _tar_members(stream) -> Iterator[tuple[str, bytes] | _Damage]:
-    """Regular files of an uncompressed tar stream as (name, data), and a `_Damage` per damaged region.
-
-    `tarfile` in stream mode silently ends the archive at the first bad header, losing the rest of the shard unseen;
-    here a bad header yields one `_Damage` and reading resumes at the next block that parses as a header.
-    """
-    long_name, damaged = None, False
-    while True:
-        block = stream.read(_BLOCK)  # buffered streams return short reads only at the end
-        if len(block) < _BLOCK:
-            if block and not damaged:
-                yield _Damage("the archive ends inside a header (truncated shard)")
-            return
-        if block == _ZERO_BLOCK:  # end-of-archive marker or record padding; a concatenated archive may follow
-            continue
-        try:
-            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-        except tarfile.HeaderError:
-            if not damaged:
-                yield _Damage("corrupt tar header (bad checksum or field)")
-            damaged = True
-            continue
-        damaged = False
-        has_data = info.isreg() or info.type in _EXTENSION_TYPES or info.type not in tarfile.SUPPORTED_TYPES
-        size = info.size if has_data else 0
-        data = stream.read(-(-size // _BLOCK) * _BLOCK)
-        if len(data) < size:
-            yield _Damage(f"the archive ends inside member {long_name or info.name} (truncated shard)")
-            return
-        data = data[:size]
-        if info.type == tarfile.GNUTYPE_LONGNAME:
-            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif info.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):  # records "<len> <key>=<value>\n"
-            paths = [r.partition(b" ")[2][5:] for r in data.split(b"\n") if r.partition(b" ")[2].startswith(b"path=")]
-            long_name = paths[-1].decode("utf-8", "surrogateescape") if paths else long_name
-        elif info.type not in _EXTENSION_TYPES:
-            name, long_name = long_name or info.name, None
-            if info.isreg():
-                yield name, data
-
-
-def _read_shard(url: str) -> Iterator[dict | _Damage]:
-    """Samples of a shard: consecutive members with one key ("dir/000001" of "dir/000001.seg.txt") → {ext: bytes}."""
-    sample = None
-    try:
-        with gopen(url, "rb") as stream:
-            for member in _tar_members(stream):
-                if isinstance(member, _Damage):
-                    yield member
-                    continue
-                name, data = member
-                folder, _, base = name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot or not stem or stem.startswith("__"):  # no extension, or metadata like __key__.txt
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                if sample is None or key != sample["__key__"]:
-                    if sample is not None:
-                        yield sample.get("__bad__", sample)
-                    sample = {"__key__": key, "__url__": url}
-                ext = ext.lower()
-                if ext in sample:  # the whole sample is dropped (counted once): which of the two is right is unknowable
-                    sample.setdefault("__bad__", _Damage(f"sample {key} has two '{ext}' members"))
-                sample[ext] = data
-    except OSError as e:  # cannot open, or a read error: the rest of the shard is lost
-        yield _Damage(f"cannot read the shard: {e.strerror or e}")
-    if sample is not None:
-        yield sample.get("__bad__", sample)
-
-
 @dataclass
 class _Item:
     """What a worker sends to the main process: a sample, a rotation marker, a trailing skip count or an error."""
@@ -284,9 +218,9 @@ class ShardSamples(IterableDataset):
         empty_run = 0  # an endless stream over shards without any sample would otherwise never yield nor end
         for url in urls:
             found = False
-            for sample in _read_shard(url):
+            for sample in read_shard(url):
                 found = True
-                if isinstance(sample, _Damage):
+                if isinstance(sample, Damage):
                     counter.bad(url, sample.reason)
                     continue
                 try:
