@@ -181,9 +181,7 @@ def main() -> None:
         del model
         free()
         params = [p for p in hf.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=gpu)
+        optimizer = build_optimizer(hf, cfg, device)  # the same AdamW groups as ours
         tokens, labels = batch["tokens"][:, :-1], batch["labels"][:, 1:]
         b, t = tokens.shape
         n_tiles = batch["pixel_values"].shape[2]
