@@ -16,51 +16,9 @@ import statistics
 import time
 
 import torch
+from mllama_layout import build_random, sync, to_transformers
 
-from adapters.cross_attention import CrossAttentionConfig
-from encoders.vision import VisionConfig, VisionEncoder
-from mm_llama.checkpoints.mllama import hf_mllama_config, hub_to_runtime, mmllama_state_to_hf
 from mm_llama.generate import Generator, Sampling
-from mm_llama.llama import Llama, LlamaConfig
-from mm_llama.model import MMLlama
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def build(device: torch.device, dtype: torch.dtype, gpu: bool) -> MMLlama:
-    trunk = LlamaConfig.preset("8B" if gpu else "debug", max_seq_len=4096, use_scaled_rope=True)
-    vision = VisionConfig.preset("3.2-11B") if gpu else VisionConfig.preset("debug")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = MMLlama.with_image_adapter(Llama(trunk), CrossAttentionConfig(n_layers=8 if gpu else 1),
-                                           vision=VisionEncoder(vision))
-    model.trunk.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gate" in name:
-                p.fill_(0.5)  # open gates: the adapter really runs
-            elif not name.startswith("trunk.") and p.dim() >= 2:
-                torch.nn.init.normal_(p, std=0.02)
-    return model.to(dtype).eval().requires_grad_(False)
-
-
-def build_hf(model: MMLlama, device: torch.device, dtype: torch.dtype):
-    """transformers' Mllama with our weights, through the library's own conversion (config.json and tensor names)."""
-    import transformers
-    from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
-
-    t, v, cross = model.trunk.config, model.vision.config, model.image_adapter.config
-    config = transformers.MllamaConfig.from_dict(hf_mllama_config(t, v, cross, dtype))
-    with torch.device("meta"):
-        hf = transformers.MllamaForConditionalGeneration(config)
-    state = mmllama_state_to_hf(model.state_dict(), t, v, cross)
-    hf.load_state_dict({hub_to_runtime(k): x.to(device, dtype) for k, x in state.items()}, strict=True, assign=True)
-    # The rotary buffer is not in the state dict: build it for real on the weights' device.
-    hf.model.language_model.rotary_emb = MllamaRotaryEmbedding(config.text_config).to(device)
-    return hf.eval()
 
 
 def main() -> None:
@@ -74,7 +32,7 @@ def main() -> None:
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     skip = set(filter(None, args.skip.split(",")))
-    model = build(device, dtype, gpu)
+    model = build_random(device, gpu).to(dtype).eval().requires_grad_(False)
     v = model.vision.config
     # One 4-tile image (2 x 2 layout, aspect-ratio id 6) and a 24-token chat-like prompt with the image inside.
     pixels = torch.randn(1, 1, v.max_tiles, 3, v.tile_size, v.tile_size, device=device, dtype=dtype)
@@ -142,7 +100,7 @@ def main() -> None:
         compiled = Generator(model, compile=True)
         measure("mm-llama compiled", ours(compiled))
         breakdown(compiled)
-    hf = build_hf(model, device, dtype)
+    hf = to_transformers(model, device, lambda name: dtype).eval()
     ids = torch.tensor([prompt], device=device)
     cross = torch.zeros(1, len(prompt), 1, v.max_tiles, dtype=torch.long, device=device)
     cross[0, 5:] = 1

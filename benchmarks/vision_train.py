@@ -22,11 +22,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from mllama_layout import build_random, sync, to_transformers
 
-from adapters.cross_attention import CrossAttentionConfig
-from encoders.vision import VisionConfig, VisionEncoder
-from mm_llama.checkpoints.mllama import hf_mllama_config, hub_to_runtime, mmllama_state_to_hf
-from mm_llama.llama import Llama, LlamaConfig
+from mm_llama.checkpoints.mllama import hf_mllama_config
 from mm_llama.model import MMLlama
 from mm_llama.train.distributed import Runtime, prepare_model
 from mm_llama.train.image_adapter import checkpointed_blocks, training_blocks
@@ -36,23 +34,9 @@ IGNORE = -100
 
 
 def build(device: torch.device, gpu: bool, train_vision: bool) -> MMLlama:
-    """Our model as the stage builds it: fp32, trunk (and, if asked, the ViT) frozen; gates open so every path runs.
-    transformers' semantics (intermediate features after block i, attention branch not row-masked), so that the
-    two first losses must agree: the same work on the same weights."""
-    trunk = LlamaConfig.preset("8B" if gpu else "debug", max_seq_len=4096, use_scaled_rope=True)
-    vision = VisionConfig.preset("3.2-11B" if gpu else "debug", intermediate_mode="output")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = MMLlama.with_image_adapter(
-            Llama(trunk), CrossAttentionConfig(n_layers=8 if gpu else 1, mask_attention_rows=False),
-            vision=VisionEncoder(vision))
-    model.trunk.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gate" in name:
-                p.fill_(0.5)
-            elif not name.startswith("trunk.") and p.dim() >= 2:
-                torch.nn.init.normal_(p, std=0.02)
+    """Our model as the stage builds it (fp32; trunk, and if asked the ViT, frozen) in transformers' semantics, so
+    that the two first losses must agree: the same work on the same weights."""
+    model = build_random(device, gpu, hf_semantics=True)
     model.trunk.requires_grad_(False)
     model.vision.requires_grad_(train_vision)
     return model
@@ -72,24 +56,12 @@ def make_batch(model: MMLlama, device: torch.device, batch: int, seq: int) -> di
 
 def hf_model(model: MMLlama, device: torch.device, train_vision: bool):
     """transformers' Mllama with our weights: frozen tensors bf16, trainable ones fp32, the same split as ours."""
-    import transformers
-
-    t, v, cross = model.trunk.config, model.vision.config, model.image_adapter.config
-    config = transformers.MllamaConfig.from_dict(hf_mllama_config(t, v, cross, torch.float32))
-    with torch.device("meta"):
-        hf = transformers.MllamaForConditionalGeneration(config)
-    cross_layers = {f"model.language_model.layers.{i}." for i in config.text_config.cross_attention_layers}
-    trainable_prefixes = ("model.multi_modal_projector.", *cross_layers,
-                          *(("model.vision_model.",) if train_vision else ()))
-    state = {hub_to_runtime(k): x for k, x in mmllama_state_to_hf(model.state_dict(), t, v, cross).items()}
-    state = {k: x.to(device, torch.float32 if k.startswith(trainable_prefixes) else torch.bfloat16)
-             for k, x in state.items()}
-    hf.load_state_dict(state, strict=True, assign=True)
-    from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
-
-    hf.model.language_model.rotary_emb = MllamaRotaryEmbedding(config.text_config).to(device)
+    config = hf_mllama_config(model.trunk.config, model.vision.config, model.image_adapter.config, torch.float32)
+    cross_layers = {f"model.language_model.layers.{i}." for i in config["text_config"]["cross_attention_layers"]}
+    trainable = ("model.multi_modal_projector.", *cross_layers, *(("model.vision_model.",) if train_vision else ()))
+    hf = to_transformers(model, device, lambda name: torch.float32 if name.startswith(trainable) else torch.bfloat16)
     for name, p in hf.named_parameters():
-        p.requires_grad_(name.startswith(trainable_prefixes))
+        p.requires_grad_(name.startswith(trainable))
     return hf.train()
 
 
@@ -114,11 +86,6 @@ def train_steps(loss_fn, params: list[torch.nn.Parameter], optimizer, device: to
         print(f"    step {i}: {times[-1]:.3f} s, loss {value:.4f}", flush=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return statistics.median(times[warmup:]), peak, first
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free() -> None:

@@ -207,3 +207,20 @@ def test_command_line_synth_train_ask(tmp_path):
     assert result.returncode == 0 and len(result.stdout) > 1, result.stderr
     result = cli("train", "lm", "--config", str(DEMO_CONFIG), "--train.stepz=4")
     assert result.returncode == 2 and "train.stepz" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cast_frozen_keeps_trainables_fp32_and_buffers_untouched():
+    import torch
+
+    from mm_llama.llama import Llama, LlamaConfig
+    from mm_llama.train.loop import cast_frozen
+
+    model = Llama(LlamaConfig.preset("debug"))
+    model.layers[0].requires_grad_(False)
+    model.tok_embeddings.requires_grad_(False)
+    buffers = {name: b.dtype for name, b in model.named_buffers()}
+    cast_frozen(model, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if n.startswith(("layers.0.", "tok_embeddings.")))
+    assert all(d == torch.float32 for n, d in dtypes.items() if n.startswith("layers.1."))
+    assert {name: b.dtype for name, b in model.named_buffers()} == buffers

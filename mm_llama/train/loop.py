@@ -140,16 +140,13 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store the frozen floating-point parameters in `dtype` (buffers such as RoPE tables keep theirs); returns how
-    many bytes that saved. With bf16 compute a frozen weight is only ever read in bf16, and released checkpoints are
-    bf16: an fp32 copy of a frozen 8B trunk would hold 16 GB more and add nothing."""
-    saved = 0
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen floating-point parameters in `dtype` (buffers such as RoPE tables keep theirs). With bf16
+    compute a frozen weight is only ever read in bf16, and released checkpoints are bf16: an fp32 copy of a frozen 8B
+    trunk would hold 16 GB more and add nothing."""
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-            saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
+        if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
-    return saved
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
