@@ -1,43 +1,67 @@
-"""Gated cross-attention image adapter (paper §7.2; Llama 3.2 Vision's layout, Meta's parameter names).
+"""Gated cross-attention adapters (paper §7.2; Llama 3.2 Vision's layout, Meta's parameter names).
 
-A block runs *before* scheduled trunk layers (3, 7, 11, … for 32 layers: spacing ceil(n_layers / n_blocks) counted
-from the top). Each block:
+A `GatedCrossAttention` adapter is a schedule (the trunk layers its blocks run before) + its blocks + the inputs they
+read (`CrossAttentionInputs`: the media tokens' keys/values, a mask, the rows that have seen media). The image adapter
+is one instance; the video adapter is another, with its own schedule. Each block:
 
-    h   = x + tanh(gate_attn) · rows · wo(attn(q_norm(wq · norm(x)), k_norm(wk · vision), wv · vision))
+    h   = x + tanh(gate_attn) · rows · wo(attn(q_norm(wq · norm(x)), k_norm(wk · media), wv · media))
     out = h + tanh(gate_ffwd) · rows · SwiGLU(ffn_norm(h))
 
-`rows` zeroes the text positions that have seen no image yet (Meta applies it on both branches; HF transformers
+`rows` zeroes the text positions that have seen no media yet (Meta applies it on both branches; HF transformers
 only on the second, issue 39379 — `mask_attention_rows=False` reproduces that). Gates start at zero, so a fresh
-adapter leaves the trunk's output unchanged. Keys and values of the vision tokens depend only on the image: they are
-computed once per request (`kv`) and reused at every decode step.
+adapter leaves the trunk's output unchanged. Keys and values depend only on the media: generation computes them once
+per request (`GatedCrossAttention.kv`); training lets each block compute its own inside its forward, where FSDP has
+gathered the block's weights.
 
-Shapes: B batch, T text positions, N vision tokens (images × tiles × tokens per tile), D model dim, H heads,
-K kv heads (the trunk's grouping), Hd head dim.
+Which text a media token covers follows Meta's rule for `<|image|>` (`media_spans`): from the token up to the next
+one of the same kind; consecutive tokens share the text that follows the last of them.
+
+Shapes: B batch, T text positions, N media tokens (items × slots × tokens per slot, e.g. images × tiles × patches),
+D model dim, H heads, K kv heads (the trunk's grouping), Hd head dim.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm_llama.errors import ConfigError
+from mm_llama.errors import ConfigError, InputError
 from mm_llama.llama import FeedForward, LlamaConfig, RMSNorm
+from mm_llama.transfer import to_device
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys and values of the media tokens, each (B, K, N, Hd)
 
 
 @dataclass
 class CrossAttentionConfig:
-    """The image adapter's own settings; its widths come from the trunk's `LlamaConfig`."""
+    """One adapter's settings; its widths come from the trunk's `LlamaConfig`.
+
+    `layers` places the blocks explicitly: block j runs just before trunk layer `layers[j]` (non-decreasing; equal
+    entries run in order before the same layer; n_trunk_layers means after the last layer). None: Llama 3.2's rule
+    (`fusion_schedule`). Hugging Face's `cross_attention_layers` list maps to it as `layers[j] = hf[j] - j`.
+    """
 
     n_layers: int = 8  # 8 blocks for Llama 3.2 11B (32 trunk layers), 20 for 90B (80 trunk layers)
-    mask_attention_rows: bool = True  # Meta: zero rows without an image on both branches; False: HF transformers
+    layers: tuple[int, ...] | None = None
+    mask_attention_rows: bool = True  # Meta: zero rows without media on both branches; False: HF transformers
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_layers, int) or self.n_layers < 1:
+        if not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 1:
             raise ConfigError(f"cross-attention n_layers must be a positive integer, got {self.n_layers!r}")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.layers) or list(
+                    self.layers) != sorted(self.layers):
+                raise ConfigError(f"cross-attention layers must be non-decreasing trunk-layer indices >= 0, got "
+                                  f"{list(self.layers)}")
+            if len(self.layers) != self.n_layers:
+                raise ConfigError(f"cross-attention layers has {len(self.layers)} entries but n_layers is "
+                                  f"{self.n_layers}; they must match")
 
 
 def fusion_schedule(n_trunk_layers: int, n_blocks: int) -> list[int]:
@@ -46,6 +70,16 @@ def fusion_schedule(n_trunk_layers: int, n_blocks: int) -> list[int]:
         raise ConfigError(f"{n_blocks} cross-attention blocks cannot be spread over {n_trunk_layers} trunk layers")
     step = math.ceil(n_trunk_layers / n_blocks)
     return list(range(n_trunk_layers))[::-1][::step][:n_blocks][::-1]
+
+
+def cross_attention_schedule(n_trunk_layers: int, config: CrossAttentionConfig) -> list[int]:
+    """The trunk layers the blocks of `config` precede: its explicit `layers`, else Llama 3.2's rule."""
+    if config.layers is None:
+        return fusion_schedule(n_trunk_layers, config.n_layers)
+    if config.layers and config.layers[-1] > n_trunk_layers:
+        raise ConfigError(f"cross-attention layers {list(config.layers)} go past the trunk's {n_trunk_layers} "
+                          f"layers (the largest position is {n_trunk_layers}: after the last layer)")
+    return list(config.layers)
 
 
 class CrossAttention(nn.Module):
@@ -59,15 +93,14 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, trunk.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, trunk.norm_eps)
 
-    def kv(self, vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of projected vision tokens (B, N, D): each (B, K, N, Hd); no RoPE."""
-        B, N, _ = vision.shape
-        k = self.k_norm(self.wk(vision).view(B, N, self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.wv(vision).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    def kv(self, media: torch.Tensor) -> KV:
+        """Keys and values of projected media tokens (B, N, D): each (B, K, N, Hd); no RoPE."""
+        B, N, _ = media.shape
+        k = self.k_norm(self.wk(media).view(B, N, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.wv(media).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Hd)
         out = F.scaled_dot_product_attention(q, *kv, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -85,13 +118,14 @@ class CrossAttentionBlock(nn.Module):
         self.feed_forward = FeedForward(trunk.dim, trunk.ffn_hidden_dim)
         self.gate_ffwd = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
-                mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D); kv: cached (K, V), or the projected vision tokens (B, N, D) to compute them from here (inside
-        this forward, where FSDP has gathered the weights); mask (B, 1, T, N) bool or None (all visible);
-        rows (B, T, 1): 1 where the position has seen an image."""
-        if isinstance(kv, torch.Tensor):
-            kv = self.attention.kv(kv)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor, *, kv: KV | None = None,
+                source: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); mask (B, 1, T, N) bool or None (every media token visible); rows (B, T, 1): 1 where the
+        position has seen media. Exactly one of `kv` (this block's cached keys/values: generation) and `source`
+        (the projected media tokens (B, N, D), whose keys/values are computed here, inside the forward where FSDP
+        has gathered the weights: training)."""
+        if kv is None:
+            kv = self.attention.kv(source)
         attn = self.attention(self.attention_norm(x), kv, mask)
         if self.mask_attention_rows:
             attn = attn * rows
@@ -99,91 +133,115 @@ class CrossAttentionBlock(nn.Module):
         return h + self.gate_ffwd.tanh() * (self.feed_forward(self.ffn_norm(h)) * rows)
 
 
-class ImageAdapter(nn.Module):
-    """The cross-attention blocks and the trunk layers they precede. `cross_attention_layers.J` are Meta's names."""
+class GatedCrossAttention(nn.Module):
+    """The blocks of one adapter and the trunk layers they precede. `cross_attention_layers.J` are Meta's names."""
 
     def __init__(self, trunk: LlamaConfig, config: CrossAttentionConfig):
         super().__init__()
         self.config = config
-        self.schedule = fusion_schedule(trunk.n_layers, config.n_layers)
+        self.schedule = cross_attention_schedule(trunk.n_layers, config)
         self.cross_attention_layers = nn.ModuleList(CrossAttentionBlock(trunk, config) for _ in self.schedule)
 
-    def block_before(self) -> dict[int, int]:
-        """trunk layer index -> index of the block that runs just before it."""
-        return {layer: j for j, layer in enumerate(self.schedule)}
-
-    def kv(self, vision: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of every block for projected vision tokens (B, N, D): the cross-attention cache."""
-        return [block.attention.kv(vision) for block in self.cross_attention_layers]
+    def kv(self, media: torch.Tensor) -> list[KV]:
+        """Keys and values of every block for projected media tokens (B, N, D): the cross-attention cache."""
+        return [block.attention.kv(media) for block in self.cross_attention_layers]
 
 
-def image_spans(tokens: list[int], image_id: int) -> list[tuple[int, int]]:
-    """[start, end) of the text each `<|image|>` of one sample covers (Meta's `create_vision_mask` rule).
+@dataclass
+class CrossAttentionInputs:
+    """What the blocks of one adapter read in one forward besides the hidden states.
 
-    An image covers the positions from its own token up to the next image token; consecutive image tokens all cover
-    the text that follows the last of them; the last image covers the rest of the sequence.
+    Exactly one of `source` (projected media tokens (B, N, D): each block computes its keys/values inside its own
+    forward — training) and `kv` (per block, computed once per request — generation).
     """
-    locations = [i for i, t in enumerate(tokens) if t == image_id]
+
+    mask: torch.Tensor | None  # (B, 1, T, N) bool: True where a text position may attend; None: every token
+    rows: torch.Tensor  # (B, T, 1): 1 where the position has seen media
+    source: torch.Tensor | None = None
+    kv: list[KV] | None = None
+    last_sees_all: bool = False  # the last position sees every media token (read on the host)
+
+    def block_kwargs(self, j: int) -> dict:
+        """Block j's `kv`/`source` keywords."""
+        return {"kv": self.kv[j]} if self.kv is not None else {"source": self.source}
+
+    def for_decode(self) -> CrossAttentionInputs:
+        """The inputs of a one-token decode step: new tokens see what the prompt's last position sees (Meta's and
+        HF's rule), so the last row of the mask and rows; no mask at all when that is every token, so that SDPA
+        may take a fused kernel."""
+        if self.kv is None:
+            raise ValueError("a decode step needs precomputed keys/values (prepare with for_decoding=True)")
+        mask = None if self.last_sees_all or self.mask is None else self.mask[:, :, -1:]
+        return replace(self, mask=mask, rows=self.rows[:, -1:])
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CrossAttentionInputs:
+        """The same inputs with `fn` applied to every tensor (e.g. copies into buffers that CUDA graphs replay)."""
+        return replace(self, mask=None if self.mask is None else fn(self.mask), rows=fn(self.rows),
+                       source=None if self.source is None else fn(self.source),
+                       kv=None if self.kv is None else [(fn(k), fn(v)) for k, v in self.kv])
+
+
+def media_spans(tokens: Sequence[int], media_id: int) -> list[tuple[int, int]]:
+    """[start, end) of the text each media token of one sample covers (Meta's `create_vision_mask` rule).
+
+    A media token covers the positions from itself up to the next one; consecutive media tokens all cover the text
+    that follows the last of them; the last covers the rest of the sequence.
+    """
+    locations = [i for i, t in enumerate(tokens) if t == media_id]
     ends = (locations[1:] + [len(tokens)]) if locations else []
     spans = [[start, end] for start, end in zip(locations, ends, strict=True)]
     following = len(tokens)
     for span in reversed(spans):
-        if span[0] == span[1] - 1:  # immediately followed by another image: share that image's text
+        if span[0] == span[1] - 1:  # immediately followed by another media token: share that one's text
             span[1] = following
         following = span[1]
     return [(a, b) for a, b in spans]
 
 
-def tile_visibility(tokens: torch.Tensor | list[list[int]], image_id: int, n_images: list[int],
-                    tile_mask: torch.Tensor) -> torch.Tensor:
-    """Which tiles each text position sees, on the CPU.
+def slot_visibility(tokens: Sequence[Sequence[int]], media_id: int, n_items: Sequence[int],
+                    slot_mask: torch.Tensor) -> torch.Tensor:
+    """Which slots (e.g. tiles) of which media items each text position sees, on the CPU.
 
     Args:
-        tokens: (B, T) ids (a tensor or lists); each sample's `<|image|>` count must equal its entry of `n_images`.
-            Read on the host: a CUDA tensor here waits for the GPU's queue, a CPU tensor or lists do not.
-        n_images: images per sample (the rest of the I image slots are padding).
-        tile_mask: (B, I, Tiles) bool, True for real tiles (read on the host too).
+        tokens: B rows of ids (read on the host); each row's count of `media_id` must equal its entry of `n_items`.
+        n_items: media items per sample (the rest of the I item slots are padding).
+        slot_mask: (B, I, S) bool, True for real slots (read on the host too).
     Returns:
-        (B, T, I, Tiles) bool CPU tensor: position t of sample b sees tile j of image i.
+        (B, T, I, S) bool CPU tensor: position t of sample b sees slot s of item i.
     """
-    rows_of_ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
-    tile_mask = tile_mask.cpu()
-    B, T = len(rows_of_ids), len(rows_of_ids[0])
-    n_slots = tile_mask.shape[1]  # image slots per sample (I)
-    visible = torch.zeros(B, T, n_slots, dtype=torch.bool)  # text position b, t sees image i
-    for b, row in enumerate(rows_of_ids):
-        spans = image_spans(row, image_id)
-        if len(spans) != n_images[b]:
-            from mm_llama.errors import InputError
-
-            raise InputError(f"sample {b} has {len(spans)} <|image|> token(s) but {n_images[b]} image(s); "
-                             "each image needs exactly one <|image|> token where its text starts")
+    slot_mask = slot_mask.cpu()
+    B, T = len(tokens), len(tokens[0])
+    visible = torch.zeros(B, T, slot_mask.shape[1], dtype=torch.bool)  # text position b, t sees item i
+    for b, row in enumerate(tokens):
+        spans = media_spans(row, media_id)
+        if len(spans) != n_items[b]:
+            raise InputError(f"sample {b} has {len(spans)} media token(s) (id {media_id}) but {n_items[b]} media "
+                             "item(s); each item needs exactly one token where its text starts")
         for i, (start, end) in enumerate(spans):
             visible[b, start:end, i] = True
-    return visible[:, :, :, None] & tile_mask[:, None, :, :]
+    return visible[:, :, :, None] & slot_mask[:, None, :, :]
 
 
-def cross_attention_mask(tokens: torch.Tensor | list[list[int]], image_id: int, n_images: list[int],
-                         tile_mask: torch.Tensor, tokens_per_tile: int, device: torch.device | str | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks of a batch for the cross-attention blocks.
+def cross_attention_inputs(tokens: Sequence[Sequence[int]], media_id: int, n_items: Sequence[int],
+                           slot_mask: torch.Tensor, tokens_per_slot: int, *, source: torch.Tensor | None = None,
+                           kv: list[KV] | None = None) -> CrossAttentionInputs:
+    """Masks of a batch for one adapter's blocks, built on the host and sent without waiting for queued GPU work.
 
     Args:
-        tokens, image_id, n_images, tile_mask: as for `tile_visibility` (read on the host).
-        tokens_per_tile: vision tokens per tile.
-        device: where the masks go (default: the tokens' device); the copy does not wait for queued GPU work.
+        tokens, media_id, n_items, slot_mask: as for `slot_visibility`.
+        tokens_per_slot: media tokens per slot (per tile, for images).
+        source, kv: the media tokens (B, N, D) or their per-block keys/values; the masks go to their device.
     Returns:
-        mask (B, 1, T, I * Tiles * tokens_per_tile) bool: True where a text position may attend to a vision token.
-        Rows that see no image are all True (a uniform, finite softmax) and are zeroed by `rows`;
-        rows (B, T, 1) float: 1 where the position has seen an image.
+        The inputs: mask (B, 1, T, I * S * tokens_per_slot) — rows that see no media are all True (a uniform, finite
+        softmax) and zeroed by `rows` (B, T, 1), 1 where the position has seen media.
     """
-    from mm_llama.transfer import to_device
-
-    if device is None:
-        device = tokens.device if isinstance(tokens, torch.Tensor) else "cpu"
-    per_tile = to_device(tile_visibility(tokens, image_id, n_images, tile_mask), device)  # (B, T, I, Tiles)
-    B, T, n_slots, n_tiles = per_tile.shape
-    mask = per_tile.repeat_interleave(tokens_per_tile, dim=3).reshape(B, 1, T, n_slots * n_tiles * tokens_per_tile)
-    rows = mask.any(dim=-1)  # (B, 1, T)
-    mask = mask | ~rows[..., None]
-    return mask, rows.transpose(1, 2).to(torch.float32)
+    like = source if source is not None else kv[0][0]
+    per_slot = slot_visibility(tokens, media_id, n_items, slot_mask)  # (B, T, I, S)
+    B, T, n_items_max, n_slots = per_slot.shape
+    last_sees_all = bool(per_slot[:, -1].all())
+    per_slot = to_device(per_slot, like.device)
+    mask = per_slot.repeat_interleave(tokens_per_slot, dim=3).reshape(B, 1, T, n_items_max * n_slots * tokens_per_slot)
+    seen = mask.any(dim=-1)  # (B, 1, T)
+    mask = mask | ~seen[..., None]
+    rows = seen.transpose(1, 2).to(like.dtype)  # (B, T, 1)
+    return CrossAttentionInputs(mask, rows, source=source, kv=kv, last_sees_all=last_sees_all)

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import torch
 
 from adapters.cross_attention import CrossAttentionConfig
-from encoders.vision import VisionConfig, VisionEncoder
-from mm_llama.checkpoints.mllama import hf_mllama_config, hub_to_runtime, mmllama_state_to_hf
-from mm_llama.llama import Llama, LlamaConfig
-from mm_llama.model import MMLlama
+from encoders.vision import VisionConfig
+from mm_llama.checkpoints.mllama_hf import hf_mllama_config, hub_to_runtime, mmllama_state_to_hf
+from mm_llama.llama import LlamaConfig
+from mm_llama.model import MMConfig, MMLlama
 
 
 def sync(device: torch.device) -> None:
@@ -28,10 +28,11 @@ def build_random(device: torch.device, gpu: bool, *, hf_semantics: bool = False)
     trunk = LlamaConfig.preset("8B" if gpu else "debug", max_seq_len=4096, use_scaled_rope=True)
     vision = VisionConfig.preset("3.2-11B" if gpu else "debug",
                                  intermediate_mode="output" if hf_semantics else "input")
-    adapter = CrossAttentionConfig(n_layers=8 if gpu else 1, mask_attention_rows=not hf_semantics)
+    adapter = CrossAttentionConfig(n_layers=8 if gpu else 1, mask_attention_rows=not hf_semantics)  # (HF's padding
+    # images only matter with padding image slots, which these benchmarks do not have)
     torch.manual_seed(0)
     with torch.device(device):
-        model = MMLlama.with_image_adapter(Llama(trunk), adapter, vision=VisionEncoder(vision))
+        model = MMLlama(MMConfig(trunk=trunk, vision=vision, image_adapter=adapter))
     model.trunk.init_weights()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -48,11 +49,10 @@ def to_transformers(model: MMLlama, device: torch.device, dtype_of: Callable[[st
     import transformers
     from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
 
-    t, v, cross = model.trunk.config, model.vision.config, model.image_adapter.config
-    config = transformers.MllamaConfig.from_dict(hf_mllama_config(t, v, cross, torch.float32))
+    config = transformers.MllamaConfig.from_dict(hf_mllama_config(model.config, torch.float32))
     with torch.device("meta"):
         hf = transformers.MllamaForConditionalGeneration(config)
-    state = {hub_to_runtime(k): x for k, x in mmllama_state_to_hf(model.state_dict(), t, v, cross).items()}
+    state = {hub_to_runtime(k): x for k, x in mmllama_state_to_hf(model.state_dict(), model.config).items()}
     hf.load_state_dict({k: x.to(device, dtype_of(k)) for k, x in state.items()}, strict=True, assign=True)
     # The rotary buffer is not in the state dict: build it for real on the weights' device.
     hf.model.language_model.rotary_emb = MllamaRotaryEmbedding(config.text_config).to(device)

@@ -18,7 +18,10 @@ import time
 import torch
 from mllama_layout import build_random, sync, to_transformers
 
+from adapters.image import encode_images, image_inputs
+from encoders.image_transform import Images
 from mm_llama.generate import Generator, Sampling
+from mm_llama.media import Media, MediaState
 
 
 def main() -> None:
@@ -37,6 +40,7 @@ def main() -> None:
     # One 4-tile image (2 x 2 layout, aspect-ratio id 6) and a 24-token chat-like prompt with the image inside.
     pixels = torch.randn(1, 1, v.max_tiles, 3, v.tile_size, v.tile_size, device=device, dtype=dtype)
     ratio = torch.tensor([[6]], device=device)
+    images = Images(pixels, ratio, torch.ones(1, 1, v.max_tiles, dtype=torch.bool), [1])
     prompt = torch.randint(10, model.trunk.config.vocab_size, (24,)).tolist()
     prompt[5] = model.image_id
     n = args.new_tokens
@@ -67,17 +71,19 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             return out, statistics.median(times) * 1e3
 
-        from mm_llama.generate import KVCache, attention_mask
+        from mm_llama.generate import KVCache
 
-        vision, t_vision = timed(lambda: generator.encode_images(pixels, ratio, [1]))
         tokens = torch.tensor([prompt], device=device)
         with torch.inference_mode():
-            cross, t_cross = timed(lambda: model.cross_inputs(tokens, vision))
+            projected, t_vision = timed(lambda: encode_images(images, generator._encoders["vision"],
+                                                              model.vision_projection, hf_padding_images=False))
+            cross, t_cross = timed(lambda: image_inputs([prompt], images, projected, image_id=model.image_id,
+                                                        adapter=model.image_adapter))
             cache = KVCache.for_model(model.trunk, 1, 256)
             slots = torch.arange(len(prompt), device=device)
-            mask = attention_mask(slots, torch.zeros(1, dtype=torch.long, device=device), 256)
-            _, t_prefill = timed(lambda: generator._prefill(tokens, positions=slots, mask=mask, cache=cache,
-                                                            cache_pos=slots, last_only=True, **cross))
+            first = torch.zeros(1, dtype=torch.long, device=device)
+            state = MediaState({"image_adapter": cross})
+            _, t_prefill = timed(lambda: generator._prefill(model, tokens, slots[None], first, cache, state, ()))
         print(f"  TTFT parts: image encoder + projection {t_vision:.1f} ms, masks + image K/V {t_cross:.1f} ms, "
               f"prefill {t_prefill:.1f} ms", flush=True)
 
@@ -85,9 +91,8 @@ def main() -> None:
         def run():
             sync(device)
             start = time.perf_counter()
-            vision = generator.encode_images(pixels, ratio, [1])
             first, count = None, 0
-            for _ in generator.stream_batch([prompt], Sampling(max_new_tokens=n), vision=vision):
+            for _ in generator.stream_batch([prompt], Sampling(max_new_tokens=n), media=Media(images=images)):
                 count += 1
                 first = first or time.perf_counter()
             end = time.perf_counter()

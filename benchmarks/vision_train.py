@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from mllama_layout import build_random, sync, to_transformers
 
-from mm_llama.checkpoints.mllama import hf_mllama_config
+from encoders.image_transform import Images
+from encoders.vision import tile_mask_from_ids
+from mm_llama.checkpoints.mllama_hf import hf_mllama_config
+from mm_llama.media import Media
 from mm_llama.model import MMLlama
 from mm_llama.train.distributed import Runtime, prepare_model
 from mm_llama.train.image_adapter import checkpointed_blocks, training_blocks
@@ -50,13 +53,14 @@ def make_batch(model: MMLlama, device: torch.device, batch: int, seq: int) -> di
     labels = tokens.clone()
     labels[:, 1] = IGNORE  # the image token is never a target
     pixels = torch.randn(batch, 1, v.max_tiles, 3, v.tile_size, v.tile_size, generator=g)
-    return {"tokens": tokens.to(device), "labels": labels.to(device), "pixel_values": pixels.to(device),
-            "aspect_ratio_ids": torch.full((batch, 1), 6, device=device), "n_images": [1] * batch}
+    ratio = torch.full((batch, 1), 6)  # every image 2 x 2 tiles
+    images = Images(pixels, ratio, tile_mask_from_ids(ratio, v.max_tiles), [1] * batch)
+    return {"tokens": tokens.to(device), "labels": labels.to(device), "images": images.to(device)}
 
 
 def hf_model(model: MMLlama, device: torch.device, train_vision: bool):
     """transformers' Mllama with our weights: frozen tensors bf16, trainable ones fp32, the same split as ours."""
-    config = hf_mllama_config(model.trunk.config, model.vision.config, model.image_adapter.config, torch.float32)
+    config = hf_mllama_config(model.config, torch.float32)
     cross_layers = {f"model.language_model.layers.{i}." for i in config["text_config"]["cross_attention_layers"]}
     trainable = ("model.multi_modal_projector.", *cross_layers, *(("model.vision_model.",) if train_vision else ()))
     hf = to_transformers(model, device, lambda name: torch.float32 if name.startswith(trainable) else torch.bfloat16)
@@ -129,7 +133,7 @@ def main() -> None:
 
         def ours_loss():
             with autocast:
-                logits = model(batch["tokens"][:, :-1], images=batch)
+                logits = model(batch["tokens"][:, :-1], Media(images=batch["images"]))
             return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                    ignore_index=IGNORE)
 
@@ -151,11 +155,12 @@ def main() -> None:
         optimizer = build_optimizer(hf, cfg, device)  # the same AdamW groups as ours
         tokens, labels = batch["tokens"][:, :-1], batch["labels"][:, 1:]
         b, t = tokens.shape
-        n_tiles = batch["pixel_values"].shape[2]
+        images = batch["images"]
+        n_tiles = images.pixel_values.shape[2]
         cross = torch.ones(b, t, 1, n_tiles, dtype=torch.long, device=device)
         cross[:, :1] = 0  # the first token comes before the image
-        hf_inputs = dict(input_ids=tokens, pixel_values=batch["pixel_values"],
-                         aspect_ratio_ids=batch["aspect_ratio_ids"],
+        hf_inputs = dict(input_ids=tokens, pixel_values=images.pixel_values,
+                         aspect_ratio_ids=images.aspect_ratio_ids,
                          aspect_ratio_mask=torch.ones(b, 1, n_tiles, dtype=torch.long, device=device),
                          cross_attention_mask=cross)
 

@@ -254,7 +254,46 @@ class ImageTransform:
         return TransformedImage(tiles, (h_tiles, w_tiles), ar_id, n_tiles, tile_mask)
 
 
-def collate_images(batch: list[list[TransformedImage]], max_images: int | None = None) -> dict[str, torch.Tensor]:
+@dataclass
+class Images:
+    """The images of a batch, tiled (the image medium's typed input: `mm_llama.media.Media(images=...)`).
+
+    pixel_values: (B, I, N, 3, T, T) float, normalised tiles; padding images and empty tile slots are zeros.
+    aspect_ratio_ids: (B, I) long, 0 = padding image.
+    tile_mask: (B, I, N) bool, True for the real tiles of real images. Stays on the CPU (`to` leaves it there): the
+        masks of the text are built on the host, without waiting for the GPU.
+    n_images: images per sample (the rest of the I slots are padding).
+    """
+
+    pixel_values: torch.Tensor
+    aspect_ratio_ids: torch.Tensor
+    tile_mask: torch.Tensor
+    n_images: list[int]
+
+    @classmethod
+    def prepare(cls, samples: list[list], *, tile_size: int, max_tiles: int, max_images: int | None = None
+                ) -> Images:
+        """Raw images per sample (paths, PIL images or uint8 arrays, see `ImageTransform`) -> the tiled batch.
+
+        Args:
+            samples: B lists of images (a sample may have none).
+            tile_size, max_tiles: the image encoder's tiling (`VisionConfig.tile_size` / `max_tiles`).
+            max_images: the most images a sample may have (an `InputError` beyond).
+        """
+        transform = ImageTransform(ImageTransformConfig(tile_size=tile_size, max_tiles=max_tiles))
+        if max_images is not None:
+            for i, sample in enumerate(samples):
+                if len(sample) > max_images:
+                    raise InputError(f"sample {i} has {len(sample)} images, more than the {max_images} accepted")
+        return collate_images([[transform(image) for image in sample] for sample in samples])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Images:
+        """Pixels (in `dtype`, if given) and aspect-ratio ids on `device`; the tile mask stays on the host."""
+        return Images(self.pixel_values.to(device, dtype), self.aspect_ratio_ids.to(device), self.tile_mask,
+                      list(self.n_images))
+
+
+def collate_images(batch: list[list[TransformedImage]], max_images: int | None = None) -> Images:
     """Stack per-sample image lists into padded batch tensors.
 
     Args:
@@ -262,8 +301,7 @@ def collate_images(batch: list[list[TransformedImage]], max_images: int | None =
         max_images: pad every sample to this many images (fixed shapes); None pads to the longest sample.
 
     Returns:
-        dict with pixel_values (B, I, N, 3, T, T) float32 (padding images are zeros), aspect_ratio_ids (B, I) long
-        (0 = padding image), tile_mask (B, I, N) bool (all False for padding images), n_images (B,) long.
+        The `Images` (padding images are zeros, aspect-ratio id 0, tile mask all False).
 
     Raises:
         InputError: an empty batch, a sample with more than `max_images` images, or images of different shapes.
@@ -289,5 +327,4 @@ def collate_images(batch: list[list[TransformedImage]], max_images: int | None =
             pixel_values[b, i] = img.tiles
             aspect_ratio_ids[b, i] = img.aspect_ratio_id
             tile_mask[b, i] = img.tile_mask
-    return {"pixel_values": pixel_values, "aspect_ratio_ids": aspect_ratio_ids, "tile_mask": tile_mask,
-            "n_images": torch.tensor(counts, dtype=torch.long)}
+    return Images(pixel_values, aspect_ratio_ids, tile_mask, counts)

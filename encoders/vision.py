@@ -1,9 +1,12 @@
 """The image encoder: a ViT-H/14 with multi-layer features and gated global layers (Llama 3 §7.2, Llama 3.2 Vision).
 
 Parameter names follow Meta's reference `VisionEncoder` (llama-models `models/llama3/multimodal/model.py`), so the
-`vision_model.vision_encoder.*` part of a Meta `consolidated.00.pth` loads with `strict=True` and no key map
-(`vision_hf.py` converts Hugging Face Mllama weights). `from_open_clip` copies an open_clip visual tower into the
-local layers, e.g. the paper's MetaCLIP-style ViT-H/14.
+`vision_model.vision_encoder.*` part of a Meta `consolidated.00.pth` loads with no key map. The three tile embeddings
+(`TILE_TABLE_KEYS`) are held as Hugging Face does, one row per aspect-ratio id ([R + 1, T, n, D]), not as Meta's
+[T, T, n, D] grid: every HF checkpoint, including ones fine-tuned in transformers whose ratios no longer agree on
+shared tiles, is held losslessly, and Meta's grids convert with `grid_to_table` / `table_to_grid`
+(`encoders/vision_blocks.py`). `vision_hf.py` converts Hugging Face Mllama weights. `from_open_clip` copies an
+open_clip visual tower into the local layers, e.g. the paper's MetaCLIP-style ViT-H/14.
 
 Pipeline per image (all tiles of one image are attended jointly):
 patchify -> + gated pre-tile embedding -> [CLS] -> (1 - tanh g) pos + tanh g tile_pos[ratio] -> ln_pre -> pad tokens
@@ -12,7 +15,7 @@ embedding -> gated global transformer -> unpad -> cat(final, interleaved interme
 
 Shape legend: B batch, I images per sample, T tile slots (`max_tiles`), S tile side in pixels, P patches per tile,
 L tokens per tile (P + 1 CLS), Lp padded tokens per tile, D width, K number of intermediate layers,
-F = D * (1 + K) output features.
+F = D * (1 + K) output features, R = len(supported_aspect_ratios(T)) aspect ratios (ids 1..R; 0 = padding image).
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from encoders.vision_blocks import (
     PatchEmbedding,
     TilePositionEmbedding,
     encoder_attention_mask,
-    gather_tile_grid,
-    ratio_tile_index,
+    grid_to_table,
 )
 from mm_llama.errors import ConfigError, InputError
+
+# The per-aspect-ratio tables [R + 1, T, n, D] (n = L for the first, 1 for the others); Meta stores each as a grid.
+TILE_TABLE_KEYS = ("gated_positional_embedding", "pre_tile_pos_embed.embedding", "post_tile_pos_embed.embedding")
 
 
 @dataclass
@@ -56,6 +61,9 @@ class VisionConfig:
     # "input": feature i is the INPUT of block i (Meta's reference, what the checkpoints were trained with);
     # "output": the OUTPUT of block i (Hugging Face transformers >= 4.56, one block later).
     intermediate_mode: Literal["input", "output"] = "input"
+    # transformers treats tile 0 of a padding image slot as real in the encoder's mask (`MMLlama` builds that mask;
+    # with HF's row semantics, text without an image sees every image token, so it changes the logits there).
+    hf_padding_images: bool = False
 
     def __post_init__(self) -> None:
         self.intermediate_layers = tuple(self.intermediate_layers)
@@ -70,8 +78,9 @@ class VisionConfig:
                 problems.append(f"{name} must be a non-negative integer, got {value!r}")
         if not isinstance(self.norm_eps, float | int) or self.norm_eps <= 0:
             problems.append(f"norm_eps must be positive, got {self.norm_eps!r}")
-        if not isinstance(self.attn_bias, bool):
-            problems.append(f"attn_bias must be a bool, got {self.attn_bias!r}")
+        for name in ("attn_bias", "hf_padding_images"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.intermediate_mode not in ("input", "output"):
             problems.append(f"intermediate_mode must be 'input' (Meta) or 'output' (HF >= 4.56), "
                             f"got {self.intermediate_mode!r}")
@@ -166,7 +175,8 @@ def tile_mask_from_ids(aspect_ratio_ids: torch.Tensor, max_tiles: int) -> torch.
 
 
 class VisionEncoder(nn.Module):
-    """Tiled ViT with multi-layer features and gated global layers (Meta's Llama 3.2 `VisionEncoder` layout)."""
+    """Tiled ViT with multi-layer features and gated global layers (Meta's Llama 3.2 `VisionEncoder` layout, the tile
+    embeddings as HF's per-aspect-ratio tables)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -176,7 +186,8 @@ class VisionEncoder(nn.Module):
         scale = d**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(d))
         self.positional_embedding = nn.Parameter(scale * torch.randn(n, d))
-        self.gated_positional_embedding = nn.Parameter(scale * torch.randn(m, m, n, d))
+        # A random grid expanded to the table (row 0 and empty slots zero): grid-consistent, writable in Meta's format.
+        self.gated_positional_embedding = nn.Parameter(grid_to_table(scale * torch.randn(m, m, n, d)))  # [R+1, T, L, D]
         self.gated_positional_embedding_gate = nn.Parameter(torch.zeros(1))
         self.ln_pre = nn.LayerNorm(d, eps=c.norm_eps)
         self.ln_post = nn.LayerNorm(d, eps=c.norm_eps)
@@ -187,13 +198,6 @@ class VisionEncoder(nn.Module):
         block = dict(width=d, n_heads=c.n_heads, mlp_dim=c.mlp_dim, norm_eps=c.norm_eps, attn_bias=c.attn_bias)
         self.transformer = ImageTransformer(c.n_layers, gated=False, **block)
         self.global_transformer = ImageTransformer(c.n_global_layers, gated=True, **block)
-        self.register_buffer("_tile_index", ratio_tile_index(m), persistent=False)
-
-    def reset_buffers(self) -> None:
-        """Recompute the (non-checkpointed) tile index tables on the weights' device, after a meta-device build."""
-        device = self.class_embedding.device
-        for module in (self, self.pre_tile_pos_embed, self.post_tile_pos_embed):
-            module._tile_index = ratio_tile_index(self.config.max_tiles).to(device)
 
     def _check_inputs(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> None:
         c = self.config
@@ -241,7 +245,8 @@ class VisionEncoder(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(b * i, t, 1, d)
         x = torch.cat([cls, x], dim=2)  # (N, T, L, D)
         gate = self.gated_positional_embedding_gate.tanh()
-        tile_pos = gather_tile_grid(self.gated_positional_embedding, self._tile_index, ar)  # (N, T, L, D)
+        # Every slot of the image's row, empty slots and row 0 (padding images) included, as HF reads its table.
+        tile_pos = self.gated_positional_embedding[ar]  # (N, T, L, D)
         x = x + (1 - gate) * self.positional_embedding + gate * tile_pos
         x = self.ln_pre(x)
 
@@ -314,8 +319,8 @@ class VisionEncoder(nn.Module):
             "conv1._linear.weight": src["conv1.weight"].reshape(width, -1),
             "class_embedding": src["class_embedding"],
             "positional_embedding": pos,
-            # Meta's load hook fills a missing gated table with the local one per tile; its gate is zero anyway.
-            "gated_positional_embedding": pos.expand(max_tiles, max_tiles, *pos.shape).clone(),
+            # Meta's load hook fills a missing gated grid with the local one per tile; its gate is zero anyway.
+            "gated_positional_embedding": grid_to_table(pos.expand(max_tiles, max_tiles, *pos.shape)),
         }
         for norm in ("ln_pre", "ln_post"):
             for p in ("weight", "bias"):

@@ -2,7 +2,7 @@
 
 Shape legend: N images (batch x images per sample), T tile slots per image (`max_tiles`), P patches per tile,
 L tokens per tile (P + 1 class token, before padding), Lp padded tokens per tile, S = T * Lp, D width, H heads,
-Hd head dim.
+Hd head dim; in the tile-embedding tables M = T and R = len(supported_aspect_ratios(M)) (8 for M = 4).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.image_transform import supported_aspect_ratios
+from mm_llama.errors import CheckpointError
 
 
 class PatchEmbedding(nn.Module):
@@ -34,44 +35,72 @@ class PatchEmbedding(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (N, P, D)
 
 
-def ratio_tile_index(max_tiles: int) -> torch.Tensor:
-    """(n_ratios + 1, max_tiles) long: for aspect-ratio id k and tile slot t, 1 + the row-major position (i, j) in a
-    [max_tiles, max_tiles] grid of the embedding that tile gets (i * max_tiles + j), or 0 for "none" (empty slots and
-    the padding id 0). Tiles are numbered row-major over the (h, w) layout, as in Meta's `embedding[:h, :w]`."""
-    ratios = supported_aspect_ratios(max_tiles)
-    index = torch.zeros(len(ratios) + 1, max_tiles, dtype=torch.long)
-    for k, (h, w) in enumerate(ratios, start=1):
-        for t in range(h * w):
-            index[k, t] = 1 + (t // w) * max_tiles + t % w
-    return index
+def grid_to_table(grid: torch.Tensor) -> torch.Tensor:
+    """Meta's tile-embedding grid -> the per-aspect-ratio table the encoder holds (what HF's converter precomputes).
 
+    Args:
+        grid: [M, M, n, D]; tile t of an (h, w) image reads `grid[t // w, t % w]` (Meta's `grid[:h, :w]`, row-major).
 
-def gather_tile_grid(grid: torch.Tensor, index: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
-    """Per-image embeddings from a Meta grid [M, M, n, D]: (N,) ids -> (N, M, n, D), zeros where no tile is.
-
-    Equivalent to Meta's Python loop `x[i, :h*w] += grid[:h, :w].reshape(h*w, n, D)`, without a loop over images."""
+    Returns:
+        [R + 1, M, n, D] with R = len(supported_aspect_ratios(M)): row k holds the M tile slots of ratio id k; row 0
+        (padding image) and the slots past h * w are zeros, which Meta's `x[:h*w] += grid[:h, :w]` leaves untouched.
+    """
     m, _, n, d = grid.shape
-    table = torch.cat([grid.new_zeros(1, n, d), grid.reshape(m * m, n, d)])  # (1 + M*M, n, D); row 0 = none
-    return table[index[aspect_ratio_ids]]  # (N, M, n, D)
+    table = grid.new_zeros(len(supported_aspect_ratios(m)) + 1, m, n, d)
+    for k, (h, w) in enumerate(supported_aspect_ratios(m), start=1):
+        table[k, : h * w] = grid[:h, :w].reshape(h * w, n, d)
+    return table
+
+
+def table_to_grid(table: torch.Tensor, name: str) -> torch.Tensor:
+    """The inverse of `grid_to_table`, for writing Meta's format.
+
+    Args:
+        table: [R + 1, M, n, D] per-aspect-ratio table.
+        name: the parameter's name, for the error message.
+
+    Returns:
+        [M, M, n, D] grid; entries no aspect ratio reads (e.g. [1, 2] for M = 4) are zeros.
+
+    Raises:
+        CheckpointError: the table is not `grid_to_table` of any grid (aspect ratios disagree on a shared tile, or
+            row 0 / empty tile slots are non-zero), as after fine-tuning in transformers.
+    """
+    _, m, n, d = table.shape
+    grid = table.new_zeros(m, m, n, d)
+    for k, (h, w) in enumerate(supported_aspect_ratios(m), start=1):
+        grid[:h, :w] = table[k, : h * w].reshape(h, w, n, d)
+    if not torch.equal(grid_to_table(grid), table):
+        raise CheckpointError(f"{name}: Meta's format keeps one [{m}, {m}] grid per tile embedding, but in this "
+                              "per-aspect-ratio table the ratios disagree on a shared tile, or the padding row / "
+                              "empty tile slots are not zero (e.g. an encoder fine-tuned in transformers); it cannot "
+                              "be written in Meta's format: write the 'hf' or 'ours' format instead")
+    return grid
 
 
 class TilePositionEmbedding(nn.Module):
-    """Gated per-tile embedding chosen by the image's aspect ratio (Meta's `TilePositionEmbedding`): one D-vector per
-    tile slot, added to every token of the tile, times tanh(gate). Zero gate = identity."""
+    """Gated per-tile embedding chosen by the image's aspect ratio (Meta's `TilePositionEmbedding`, held as HF's
+    per-ratio table [R + 1, T, 1, D]): one D-vector per tile slot, added to every token of the tile, times tanh(gate).
+    Zero gate = identity."""
 
     def __init__(self, width: int, max_tiles: int):
         super().__init__()
-        self.embedding = nn.Parameter(torch.zeros(max_tiles, max_tiles, 1, width))
+        n_ratios = len(supported_aspect_ratios(max_tiles))
+        self.embedding = nn.Parameter(torch.zeros(n_ratios + 1, max_tiles, 1, width))
         self.gate = nn.Parameter(torch.zeros(1))
-        self.register_buffer("_tile_index", ratio_tile_index(max_tiles), persistent=False)
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.embedding, std=self.embedding.shape[-1] ** -0.5)
+        # A random grid expanded to the table: a fresh embedding is grid-consistent, writable in Meta's format.
+        _, m, _, d = self.embedding.shape
+        grid = self.embedding.new_empty(m, m, 1, d)
+        nn.init.normal_(grid, std=d**-0.5)
+        with torch.no_grad():
+            self.embedding.copy_(grid_to_table(grid))
         nn.init.zeros_(self.gate)
 
     def forward(self, x: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
         """x (N, T, L, D), aspect_ratio_ids (N,) -> (N, T, L, D)."""
-        emb = gather_tile_grid(self.embedding, self._tile_index, aspect_ratio_ids)  # (N, T, 1, D)
+        emb = self.embedding[aspect_ratio_ids]  # (N, T, 1, D): every slot of the row, as HF
         return x + emb.to(x.dtype) * self.gate.tanh()
 
 

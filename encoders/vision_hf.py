@@ -1,13 +1,12 @@
 """Hugging Face Mllama vision weights <-> our `VisionEncoder` (Meta's names).
 
 Conversion is data (STYLE rule 12): `HF_TO_OURS` maps key templates ({} = block index) and `_TRANSFORMS` names the
-two tensor transforms, the patch weight reshape and the aspect-ratio tables:
+two tensor transforms, both plain reshapes:
 
-- HF stores each tile embedding precomputed per aspect-ratio id, `[n_ratios + 1, max_tiles * n * D]` (row 0 =
-  padding image = zeros, slots past h*w zeros), Meta a grid `[max_tiles, max_tiles, n, D]` indexed `[:h, :w]`.
-  HF -> ours reads each grid entry from the ratios that use it (and checks they agree); entries no ratio uses
-  (e.g. (2, 1..3) or (3, 3) for max_tiles 4) become zeros. So ours -> HF -> ours is exact only on used entries;
-  HF -> ours -> HF is exact.
+- the patch weight: HF's conv weight [D, 3, p, p] <-> our [D, 3*p*p];
+- the three tile embeddings: HF stores each precomputed per aspect-ratio id, [R + 1, max_tiles * n * D] (row 0 =
+  padding image), and so do we, as [R + 1, max_tiles, n, D]. Any table converts, including ones fine-tuned in
+  transformers whose ratios disagree on shared tiles; HF -> ours -> HF and ours -> HF -> ours are both exact.
 
 The HF state is a `MllamaVisionModel` state dict; pass `prefix="vision_model."` (hub files) or
 `prefix="model.vision_model."` (transformers >= 4.52 runtime names) to read it out of a full model's state.
@@ -22,7 +21,6 @@ import torch
 
 from encoders.image_transform import supported_aspect_ratios
 from encoders.vision import VisionConfig
-from encoders.vision_blocks import ratio_tile_index
 from mm_llama.errors import CheckpointError, ConfigError
 
 # One block of either transformer: HF name -> ours.
@@ -62,27 +60,6 @@ HF_TO_OURS: dict[str, str] = {
 }
 
 
-def _grid_to_table(grid: torch.Tensor, config: VisionConfig) -> torch.Tensor:
-    """Meta grid [M, M, n, D] -> HF table [n_ratios + 1, M * n * D] (what HF's converter precomputes)."""
-    m, _, n, d = grid.shape
-    flat = torch.cat([grid.new_zeros(1, n, d), grid.reshape(m * m, n, d)])  # row 0 = "no tile"
-    return flat[ratio_tile_index(m)].flatten(1)  # (n_ratios + 1, M*n*D)
-
-
-def _table_to_grid(table: torch.Tensor, config: VisionConfig, key: str) -> torch.Tensor:
-    """HF table -> Meta grid; unused grid entries are zeros. Raises if the table is not a grid's precomputation."""
-    m, d = config.max_tiles, config.width
-    n = table.shape[1] // (m * d)
-    rows = table.view(-1, m, n, d)  # (n_ratios + 1, M, n, D)
-    grid = table.new_zeros(m, m, n, d)
-    for k, (h, w) in enumerate(supported_aspect_ratios(m), start=1):
-        grid[:h, :w] = rows[k, : h * w].reshape(h, w, n, d)
-    if not torch.equal(_grid_to_table(grid, config), table):
-        raise CheckpointError(f"{key}: the per-aspect-ratio table is not a precomputed [{m}, {m}, ...] grid (ratios "
-                              f"disagree on a shared tile, or padding rows are not zero); it cannot be converted")
-    return grid
-
-
 def _patch_from_hf(w: torch.Tensor, config: VisionConfig, key: str) -> torch.Tensor:
     return w.reshape(config.width, -1)  # [D, 3, p, p] -> [D, 3*p*p], nn.Unfold's (channel, row, column) order
 
@@ -91,12 +68,24 @@ def _patch_to_hf(w: torch.Tensor, config: VisionConfig, key: str) -> torch.Tenso
     return w.reshape(config.width, 3, config.patch_size, config.patch_size)
 
 
+def _table_from_hf(table: torch.Tensor, config: VisionConfig, key: str) -> torch.Tensor:
+    m, d = config.max_tiles, config.width
+    if table.ndim != 2 or table.shape[1] % (m * d):
+        raise CheckpointError(f"{key}: expected a per-aspect-ratio table [R + 1, {m} * n * {d}], "
+                              f"got {list(table.shape)}")
+    return table.reshape(table.shape[0], m, -1, d)  # [R+1, T*n*D] -> [R+1, T, n, D]
+
+
+def _table_to_hf(table: torch.Tensor, config: VisionConfig, key: str) -> torch.Tensor:
+    return table.flatten(1)  # [R+1, T, n, D] -> [R+1, T*n*D]
+
+
 # Our key -> (HF -> ours, ours -> HF). Keys not listed are copied unchanged.
 _TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     "conv1._linear.weight": (_patch_from_hf, _patch_to_hf),
-    "gated_positional_embedding": (_table_to_grid, lambda g, c, k: _grid_to_table(g, c)),
-    "pre_tile_pos_embed.embedding": (_table_to_grid, lambda g, c, k: _grid_to_table(g, c)),
-    "post_tile_pos_embed.embedding": (_table_to_grid, lambda g, c, k: _grid_to_table(g, c)),
+    "gated_positional_embedding": (_table_from_hf, _table_to_hf),
+    "pre_tile_pos_embed.embedding": (_table_from_hf, _table_to_hf),
+    "post_tile_pos_embed.embedding": (_table_from_hf, _table_to_hf),
 }
 
 
@@ -131,7 +120,7 @@ def vision_state_from_hf(hf_state: dict[str, torch.Tensor], config: VisionConfig
         Our state dict, loadable with `strict=True`.
 
     Raises:
-        CheckpointError: an unknown key, or a tile table that is not a precomputed grid.
+        CheckpointError: an unknown key, or a tile table that is not [R + 1, max_tiles * n * width].
     """
     _check_config(config)
     patterns = _compile(HF_TO_OURS)
@@ -149,9 +138,7 @@ def vision_state_from_hf(hf_state: dict[str, torch.Tensor], config: VisionConfig
 
 def vision_state_to_hf(state: dict[str, torch.Tensor], config: VisionConfig, *, prefix: str = ""
                        ) -> dict[str, torch.Tensor]:
-    """Our `VisionEncoder` state dict -> HF `MllamaVisionModel` state dict (keys get `prefix`).
-
-    Grid entries that no aspect ratio uses are dropped (HF has no place for them)."""
+    """Our `VisionEncoder` state dict -> HF `MllamaVisionModel` state dict (keys get `prefix`)."""
     _check_config(config)
     patterns = _compile({v: k for k, v in HF_TO_OURS.items()})
     out = {}

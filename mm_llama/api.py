@@ -1,53 +1,129 @@
-"""Question answering: `ask` and `ask_stream` (also available as `MMLlama.ask` / `MMLlama.ask_stream`).
+"""`Assistant`: a composed model, its tokenizer and a generator; it answers questions (`ask`, `ask_stream`) and will
+transcribe and speak.
 
-Inputs are checked before any work: an image that cannot be read, more images than the model accepts, a prompt
-longer than the context each raise an `MMLlamaError` naming the input.
+    assistant = Assistant.from_pretrained("Llama-3.2-11B-Vision-Instruct", device="cuda", compile=True)
+    print(assistant.ask("What is in the picture?", image="cat.jpg"))
+
+`MMLlama.ask` / `ask_stream` are conveniences that make one per call from the checkpoint directory's tokenizer. Inputs
+are checked before any work: an image that cannot be read, more images than accepted, a prompt longer than the
+context each raise an `MMLlamaError` naming the input.
+
+This module knows the model only through what it reads of it (`config`, `trunk`, and what `Generator` needs), so it
+imports neither `mm_llama.model` nor the checkpoints (`from_pretrained` reaches those when called).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+import torch
+
+from encoders.image_transform import Images
 from mm_llama.errors import InputError
 from mm_llama.generate import Generator, Sampling
+from mm_llama.media import Media
+from mm_llama.tokenizer import Tokenizer, find_tokenizer
+
+MAX_IMAGES = 8  # images per question: bounds the cross-attention memory (each 4-tile 560-px image is 6,404 tokens)
 
 
-def _generator(model) -> Generator:
-    """One Generator per model, so KV caches (and compiled graphs) are reused across questions."""
-    if getattr(model, "_api_generator", None) is None:
-        model._api_generator = Generator(model)
-    return model._api_generator
+class Assistant:
+    """Answers questions with `model` (an `MMLlama`, on its device and dtype) and `tokenizer`.
 
-
-def _vision_inputs(model, images: Sequence) -> object | None:
-    if not images:
-        return None
-    if model.vision is None:
-        raise InputError("this model has no image encoder: ask without an image")
-    batch = model.preprocess([list(images)])
-    return _generator(model).encode_images(batch["pixel_values"], batch["aspect_ratio_ids"], batch["n_images"])
-
-
-def ask_stream(model, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
-               max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-               seed: int | None = None) -> Iterator[str]:
-    """Stream the answer to `question` about `image` (a path, PIL image or uint8 array (H, W, 3)) or `images`.
-
-    The images are placed before the question in the user message, in Llama 3.2's chat format; greedy by default.
+    Args:
+        compile: compile the decode step with CUDA graphs and the media encoders (GPU only; the first question per
+            cache size compiles).
     """
-    if model.tokenizer is None:
-        raise InputError("the model has no tokenizer: set model.tokenizer = Tokenizer.from_file(...)")
-    if image is not None and images is not None:
-        raise InputError("pass image=... or images=[...], not both")
-    images = [image] if image is not None else list(images or [])
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": question, "media": ["<|image|>"] * len(images)})
-    prompt = model.tokenizer.encode_dialog(messages)
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    vision = _vision_inputs(model, images)
-    yield from _generator(model).stream_text(model.tokenizer, prompt, sampling, vision=vision)
+
+    def __init__(self, model, tokenizer: Tokenizer, *, compile: bool = False):
+        vocab = model.config.trunk.vocab_size
+        if tokenizer.n_words != vocab:
+            raise InputError(f"the tokenizer {tokenizer.name} has {tokenizer.n_words} tokens but the model has "
+                             f"{vocab} token embeddings")
+        self.model, self.tokenizer = model, tokenizer
+        self.generator = Generator(model, compile=compile)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, tokenizer: str | Path | None = None, hf_compat: bool = False,
+                        dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str = "cpu",
+                        compile: bool = False) -> Assistant:
+        """Load any checkpoint directory `MMLlama.from_pretrained` reads, with its tokenizer.model (or `tokenizer`).
+
+        Args:
+            tokenizer: a tokenizer.model file; default: the directory's (or its original/).
+            hf_compat, dtype, device: as for `MMLlama.from_pretrained`.
+            compile: as for `Assistant`.
+        """
+        from mm_llama.checkpoints import load_mmllama
+
+        path = Path(path)
+        # The tokenizer first, when the directory is there: a missing file should not cost loading the weights.
+        tok = Tokenizer.from_file(tokenizer) if tokenizer else _checkpoint_tokenizer(path) if path.is_dir() else None
+        model = load_mmllama(path, hf_compat=hf_compat, dtype=dtype, device=device)
+        return cls(model, tok, compile=compile)
+
+    @classmethod
+    def for_model(cls, model) -> Assistant:
+        """An assistant with the tokenizer of the directory `model` was loaded from (what `MMLlama.ask` uses)."""
+        if model.source is None:
+            raise InputError("this model was not loaded by MMLlama.from_pretrained, so its tokenizer is unknown: "
+                             "use mm_llama.api.Assistant(model, Tokenizer.from_file(...))")
+        return cls(model, _checkpoint_tokenizer(model.source))
+
+    def ask_stream(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
+                   max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                   seed: int | None = None) -> Iterator[str]:
+        """Stream the answer to `question` as text pieces.
+
+        Args:
+            question: the user's message (leading and trailing whitespace is dropped).
+            image: one image: a path, a PIL image or a uint8 array (H, W, 3); or `images`, a list of them (at most
+                8), placed before the question in the user message, as Llama 3.2 Vision's chat format does.
+            system: a system prompt.
+            max_new_tokens, temperature, top_k, top_p, seed: sampling (`generate.Sampling`); greedy by default.
+        """
+        if not isinstance(question, str):
+            raise InputError(f"question must be a str, got {type(question).__name__}")
+        if image is not None and images is not None:
+            raise InputError("pass image=... or images=[...], not both")
+        images = [image] if image is not None else list(images or [])
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed)
+        media = None
+        content: str | list[dict] = question
+        if images:
+            vision = self.model.config.vision
+            if vision is None:
+                raise InputError("this model has no image encoder: it answers text only; ask without an image")
+            media = Media(images=Images.prepare([images], tile_size=vision.tile_size, max_tiles=vision.max_tiles,
+                                                max_images=MAX_IMAGES))
+            content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question.strip()}]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": content})
+        prompt = self.tokenizer.encode_dialog(messages)
+        return self.generator.stream_text(self.tokenizer, prompt, sampling, media=media)
+
+    def ask(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
+            max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+            seed: int | None = None) -> str:
+        """The whole answer of `ask_stream` as one string."""
+        return "".join(self.ask_stream(question, image=image, images=images, system=system,
+                                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed))
 
 
-def ask(model, question: str, **kwargs) -> str:
-    """The whole answer of `ask_stream` as one string."""
-    return "".join(ask_stream(model, question, **kwargs))
+def _checkpoint_tokenizer(directory: Path) -> Tokenizer:
+    path = find_tokenizer(directory)
+    if path is None:
+        raise InputError(f"{directory}: no tokenizer.model (looked in the directory and in original/); pass a "
+                         "tokenizer file (--tokenizer FILE, or Assistant.from_pretrained(..., tokenizer=FILE))")
+    return _load_tokenizer(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str, mtime_ns: int) -> Tokenizer:
+    """Tokenizers are immutable and the real Llama 3 file takes a while to parse: `MMLlama.ask` reuses them (the
+    modification time in the key notices a replaced file)."""
+    return Tokenizer.from_file(path)

@@ -18,18 +18,6 @@ from pathlib import Path
 from mm_llama.errors import InputError, MMLlamaError
 
 
-def _tokenizer_path(checkpoint: Path, explicit: str | None) -> Path:
-    from mm_llama.checkpoints import tokenizer_candidates
-
-    if explicit:
-        return Path(explicit)
-    for candidate in tokenizer_candidates(checkpoint):
-        if candidate.is_file():
-            return candidate
-    raise InputError(f"{checkpoint}: no tokenizer.model (looked in the directory and in original/); "
-                     "pass --tokenizer FILE")
-
-
 def _resolve_device(name: str):
     import torch
 
@@ -43,42 +31,17 @@ def _resolve_device(name: str):
 def cmd_ask(args: argparse.Namespace) -> None:
     import torch
 
-    from mm_llama.generate import Generator, Sampling
-    from mm_llama.llama import Llama
-    from mm_llama.tokenizer import Tokenizer
+    from mm_llama.api import Assistant
 
-    checkpoint = Path(args.checkpoint)
-    tokenizer = Tokenizer.from_file(_tokenizer_path(checkpoint, args.tokenizer))
     device = _resolve_device(args.device)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    from mm_llama.checkpoints.mllama import is_hf_mllama
-
-    if is_hf_mllama(checkpoint):
-        from mm_llama.model import MMLlama
-
-        model = MMLlama.from_pretrained(checkpoint, hf_compat=args.hf_compat, dtype=dtype, device=device)
-        model.tokenizer = tokenizer
-        for piece in model.ask_stream(args.question, images=args.image or None, system=args.system,
+    # One path for every checkpoint kind (Meta, HF or mm-llama; a trunk or a model with parts).
+    assistant = Assistant.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, hf_compat=args.hf_compat,
+                                          dtype=dtype, device=device, compile=args.compile)
+    for piece in assistant.ask_stream(args.question, images=args.image or None, system=args.system,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        return
-    if args.image:
-        raise InputError(f"{checkpoint}: a text-only checkpoint cannot look at --image")
-    model = Llama.from_pretrained(checkpoint, dtype=dtype, device=device)
-    if model.config.vocab_size != tokenizer.n_words:
-        raise InputError(f"{checkpoint}: the model has {model.config.vocab_size} token embeddings but the tokenizer "
-                         f"has {tokenizer.n_words} tokens")
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
-    messages.append({"role": "user", "content": args.question})
-    prompt = tokenizer.encode_dialog(messages)
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed)
-    generator = Generator(model, compile=args.compile)
-    for piece in generator.stream_text(tokenizer, prompt, sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -119,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question with a checkpoint (streamed to stdout)")
     ask.add_argument("question")
-    ask.add_argument("--checkpoint", required=True, help="Meta or Hugging Face checkpoint directory")
+    ask.add_argument("--checkpoint", required=True, help="checkpoint directory: Meta, Hugging Face or mm-llama; a "
+                     "Llama 3 trunk, Llama 3.2 Vision or a model trained by mm-llama's stages")
     ask.add_argument("--tokenizer", help="tokenizer.model (default: the one in the checkpoint directory)")
     ask.add_argument("--system", help="system prompt")
     ask.add_argument("--max-new-tokens", type=int, default=256)
@@ -129,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int)
     ask.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     ask.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    ask.add_argument("--compile", action="store_true", help="compile the decode step (CUDA only)")
+    ask.add_argument("--compile", action="store_true", help="compile the decode step and encoders (CUDA only)")
     ask.add_argument("--image", action="append", help="an image to ask about (repeat for several)")
     ask.add_argument("--hf-compat", action="store_true",
                      help="Llama 3.2 Vision: reproduce transformers' semantics instead of Meta's")

@@ -1,4 +1,10 @@
-"""Text generation for the trunk: a preallocated KV cache, separate prefill and decode steps, sampling, streaming.
+"""Generation from a composed model (`MMLlama`): a preallocated KV cache, separate prefill and decode steps, sampling,
+streaming, taps.
+
+This module knows no medium: the model prepares a request's media state (`MMLlama.prepare`), and the state itself
+says what a one-token decode step reads (`for_decode`); generation only passes it along, copied into persistent
+buffers when CUDA graphs replay the decode step. The pieces follow gpt-fast's shape: `prefill`, `decode_one` and the
+loop (`Generator.stream_steps`).
 
 Batches of prompts with different lengths are left-padded: every row writes the same cache slot at each step, so
 one decode step serves the whole batch, while each row keeps its own RoPE positions (0 at its first real token) and
@@ -11,19 +17,22 @@ similar lengths reuse the compiled graph.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from adapters.cross_attention import tile_visibility
-from adapters.media_tokens import N_MEDIA_ROWS
 from mm_llama.errors import InputError
 from mm_llama.llama import Llama
 from mm_llama.tokenizer import StreamDecoder, Tokenizer
 from mm_llama.transfer import tensor_to_device
+
+if TYPE_CHECKING:
+    from mm_llama.media import Media, MediaState
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: one compiled graph per bucket
 # Attention kernels for one query per row. cuDNN's (PyTorch's first choice on Hopper) costs ~8 us per layer here;
@@ -110,11 +119,35 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _decode_step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache_pos: torch.Tensor,
-                 first_slot: torch.Tensor, cache: KVCache, cross: dict) -> torch.Tensor:
-    """One token per row: (B, 1) ids at slot cache_pos (1,) -> (B, V) logits. `cross`: image inputs of MMLlama."""
+class Composed(Protocol):
+    """What generation reads of a model (`mm_llama.model.MMLlama`)."""
+
+    trunk: Llama
+    n_token_ids: int
+
+    def encoders(self) -> dict[str, nn.Module]: ...
+
+    def prepare(self, tokens, media, *, left_pad, for_decoding: bool, encoders) -> MediaState | None: ...
+
+    def step(self, tokens: torch.Tensor, state: MediaState | None = None, *, positions, mask, cache, cache_pos,
+             last_only: bool = False, taps: Sequence[int] = ()): ...
+
+
+def prefill(model: Composed, tokens: torch.Tensor, positions: torch.Tensor, first_slot: torch.Tensor, cache: KVCache,
+            state: MediaState | None, taps: Sequence[int]):
+    """The whole (left-padded) prompts (B, T) at slots 0..T-1 -> `Step` of the last position: logits (B, 1, V)."""
+    slots = torch.arange(tokens.shape[1], device=tokens.device)
+    mask = attention_mask(slots, first_slot, cache.max_len)
+    return model.step(tokens, state, positions=positions, mask=mask, cache=cache, cache_pos=slots, last_only=True,
+                      taps=taps)
+
+
+def decode_one(model: Composed, tokens: torch.Tensor, cache_pos: torch.Tensor, first_slot: torch.Tensor,
+               cache: KVCache, state: MediaState | None, taps: Sequence[int]):
+    """One token per row: (B, 1) ids at slot `cache_pos` (1,) -> `Step`: logits (B, 1, V)."""
     mask = attention_mask(cache_pos, first_slot, cache.max_len)
-    return model(tokens, positions=positions, mask=mask, cache=cache, cache_pos=cache_pos, **cross)[:, -1]
+    positions = (cache_pos - first_slot)[:, None]  # (B, 1): each row's own position
+    return model.step(tokens, state, positions=positions, mask=mask, cache=cache, cache_pos=cache_pos, taps=taps)
 
 
 class _HostCopy:
@@ -136,40 +169,45 @@ class _HostCopy:
         return self.host.tolist()
 
 
+class Emitted(NamedTuple):
+    """One generation step: the new token of each row (None once the row has stopped) and the requested taps of the
+    position whose logits chose them (the prompt's last position for the first token), (B, 1, D) each."""
+
+    tokens: list[int | None]
+    taps: tuple[torch.Tensor, ...]
+
+
 class Generator:
-    """Generates from a `Llama` or an `MMLlama`, reusing KV caches (and compiled decode graphs) across calls.
+    """Generates from a composed model, reusing KV caches (and compiled graphs) across calls.
 
     Args:
-        model: the trunk, or the composed model, already on its device and dtype.
-        compile: compile the decode step with CUDA graphs (GPU only; the first call per cache bucket compiles).
+        model: an `MMLlama` (a text-only one for a plain trunk: `MMLlama(MMConfig(trunk=trunk.config),
+            trunk=trunk)`), already on its device and dtype.
+        compile: compile the decode step with CUDA graphs, the prefill with symbolic lengths and the media encoders
+            (GPU only; the first call per cache bucket compiles).
     """
 
-    def __init__(self, model: nn.Module, *, compile: bool = False):
+    def __init__(self, model: Composed, *, compile: bool = False):
         self.model = model
-        self.trunk: Llama = getattr(model, "trunk", model)
-        self.vocab_limit = self.trunk.config.vocab_size + (N_MEDIA_ROWS if model is not self.trunk else 0)
+        self.trunk = model.trunk
+        self.vocab_limit = model.n_token_ids
         self.device = self.trunk.tok_embeddings.weight.device
         if compile and self.device.type != "cuda":
             raise InputError(f"compile=True needs a CUDA model (this one is on {self.device})")
         self._caches: dict[tuple[int, int], KVCache] = {}
-        self._decode = _decode_step
+        self._buffers: dict[tuple, torch.Tensor] = {}  # persistent copies of the decode step's media state
+        self.compiled = compile
+        self._decode, self._prefill, self._encoders = decode_one, prefill, {}
         if compile:
             # "reduce-overhead" (CUDA graphs) plus coordinate-descent tuning of the generated kernels, for this
             # function only (options, unlike torch._inductor.config, are not global).
-            self._decode = torch.compile(_decode_step, fullgraph=True,
+            self._decode = torch.compile(decode_one, fullgraph=True,
                                          options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
-        self.compiled = compile
-        # Prefill: compiled with symbolic lengths (no CUDA graphs), so one graph serves every prompt length and the
-        # many small kernels of an eager forward are fused; it dominates the time to the first token.
-        self._prefill = torch.compile(model, dynamic=True) if compile else model
-        # The image encoder runs once per request on fixed tile shapes: compiled, it fuses its many small kernels.
-        vision = getattr(model, "vision", None)
-        self.vision_encoder = torch.compile(vision) if compile and vision is not None else vision
-
-    @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, n_images: list[int]):
-        """`MMLlama.encode_images` with this generator's (possibly compiled) image encoder."""
-        return self.model.encode_images(pixel_values, aspect_ratio_ids, n_images, encoder=self.vision_encoder)
+            # Symbolic lengths (no CUDA graphs): one graph serves every prompt length and the many small kernels of
+            # an eager forward are fused; the prefill dominates the time to the first token.
+            self._prefill = torch.compile(prefill, dynamic=True)
+            # Media encoders run once per request on fixed shapes: compiled, they fuse their many small kernels.
+            self._encoders = {name: torch.compile(module) for name, module in model.encoders().items()}
 
     def _cache(self, batch_size: int, needed: int) -> KVCache:
         length = -(-needed // CACHE_BUCKET) * CACHE_BUCKET
@@ -194,68 +232,65 @@ class Generator:
             raise InputError(f"prompt of {longest} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the "
                              f"model's context of {limit} tokens")
 
-    def _static_cross(self, cross: dict) -> dict:
-        """Image K/V copied into buffers that persist across requests: CUDA graphs then read them in place
-        instead of copying ~200 MB per step (11B, one 4-tile image)."""
-        kv = cross["cross_kv"]
-        key = tuple(k.shape for k, _ in kv)
-        if getattr(self, "_cross_key", None) != key:
-            self._cross_buffers = [(torch.empty_like(k), torch.empty_like(v)) for k, v in kv]
-            for k, v in self._cross_buffers:
-                torch._dynamo.mark_static_address(k)
-                torch._dynamo.mark_static_address(v)
-            self._cross_key = key
-        for (kb, vb), (k, v) in zip(self._cross_buffers, kv, strict=True):
-            kb.copy_(k)
-            vb.copy_(v)
-        return {**cross, "cross_kv": self._cross_buffers}
+    def _persistent(self, state: MediaState) -> MediaState:
+        """The decode state's tensors copied into buffers that persist across requests: CUDA graphs then read them
+        in place instead of copying them at every step (~200 MB of image K/V for 11B with one 4-tile image)."""
+        index = itertools.count()
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            key = (next(index), t.shape, t.dtype)
+            if key not in self._buffers:
+                self._buffers = {k: v for k, v in self._buffers.items() if k[0] != key[0]}
+                self._buffers[key] = torch.empty_like(t)
+                torch._dynamo.mark_static_address(self._buffers[key])
+            return self._buffers[key].copy_(t)
+
+        return state.map_tensors(copy)
 
     @torch.inference_mode()
-    def stream_batch(self, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
-                     stop_tokens: Sequence[int] = (), vision=None) -> Iterator[list[int | None]]:
-        """Yield, per step, the new token of each row (None once a row has stopped). A stop token is not yielded.
+    def stream_steps(self, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+                     stop_tokens: Sequence[int] = (), media: Media | None = None,
+                     taps: Sequence[int] = ()) -> Iterator[Emitted]:
+        """Yield, per step, each row's new token (None once it has stopped; a stop token is not yielded) and the
+        requested taps (`MMLlama.step`) of the position that chose it.
 
-        `vision` (`mm_llama.model.VisionInputs`, MMLlama only): the batch's images; their K/V are computed once.
+        Args:
+            prompts: token ids per row (left-padded here; the result equals generating each prompt alone).
+            media: the batch's media (`mm_llama.media.Media`), encoded once; keys/values computed once.
+            taps: layer counts whose hidden states to yield with each token (e.g. (16,) for the TTS head).
         """
         self._check(prompts, sampling)
         B, longest = len(prompts), max(len(p) for p in prompts)
         cache = self._cache(B, longest + sampling.max_new_tokens)
         dev = self.device
-        # Inputs go up without waiting for the GPU (pinned, non-blocking): with an image, the host queues the image
-        # K/V and the prefill while the encoder still runs, so the time to the first token is the GPU's alone.
-        first_slot = tensor_to_device([longest - len(p) for p in prompts], dev)
-        padded = [[0] * (longest - len(p)) + list(p) for p in prompts]
+        taps = tuple(taps)
+        # Inputs go up without waiting for the GPU (pinned, non-blocking): with media, the host queues the encoders,
+        # the keys/values and the prefill back to back, so the time to the first token is the GPU's alone.
+        pads = [longest - len(p) for p in prompts]
+        first_slot = tensor_to_device(pads, dev)
+        padded = [[0] * pad + list(p) for pad, p in zip(pads, prompts, strict=True)]
         tokens = tensor_to_device(padded, dev)
-        slots = torch.arange(longest, device=dev)
-        positions = (slots[None, :] - first_slot[:, None]).clamp(min=0)  # (B, T): 0 at each row's first token
+        positions = (torch.arange(longest, device=dev)[None, :] - first_slot[:, None]).clamp(min=0)  # (B, T)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(sampling.seed)
-
-        cross, step_cross = {}, {}
-        if vision is not None:
-            # Masks from the padded prompts (pads see no image), made on the host.
-            cross = self.model.cross_inputs(torch.tensor(padded), vision)
+        state = step_state = None
+        if media is not None:  # the media state is built from the padded prompts (pads see no media), on the host
+            state = self.model.prepare(padded, media.to(dev), left_pad=pads, for_decoding=True,
+                                       encoders=self._encoders)
+            step_state = state.for_decode()
             if self.compiled:
-                cross = self._static_cross(cross)
-            # New tokens see what the prompt's last token sees (Meta's and HF's rule). When that is every tile
-            # (one image with all its tiles real, the common case), no mask: SDPA may take a fused kernel.
-            seen = tile_visibility(padded, self.model.image_id, vision.n_images, vision.tile_mask)  # (B, T, I, Tiles)
-            sees_all = bool(seen[:, -1].all())
-            step_cross = {**cross, "cross_mask": None if sees_all else cross["cross_mask"][:, :, -1:],
-                          "rows": cross["rows"][:, -1:]}
+                step_state = self._persistent(step_state)
 
-        # Prefill: the whole (padded) prompt at once; logits of the last position only.
-        mask = attention_mask(slots, first_slot, cache.max_len)
-        logits = self._prefill(tokens, positions=positions, mask=mask, cache=cache, cache_pos=slots, last_only=True,
-                               **cross)
-        next_tokens = sample(logits[:, -1], sampling, generator)
+        out = self._prefill(self.model, tokens, positions, first_slot, cache, state, taps)
+        next_tokens, next_taps = sample(out.logits[:, -1], sampling, generator), out.taps
         decode_slots = torch.arange(longest, longest + sampling.max_new_tokens, device=dev)
         to_host = _HostCopy(B, dev)
         stops = set(stop_tokens)
         done = [False] * B
         for step in range(sampling.max_new_tokens):
             to_host.start(next_tokens)
+            emitted_taps = next_taps
             if step < sampling.max_new_tokens - 1:
                 # Queue the next step before waiting for this token on the host: the GPU never idles while Python
                 # streams, checks stops and launches (a step past a stop token is computed and dropped).
@@ -263,9 +298,11 @@ class Generator:
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
                 with sdpa_kernel(DECODE_SDPA_BACKENDS):
-                    logits = self._decode(self.model, next_tokens[:, None], (cache_pos - first_slot)[:, None],
-                                          cache_pos, first_slot, cache, step_cross)
-                next_tokens = sample(logits, sampling, generator)
+                    out = self._decode(self.model, next_tokens[:, None], cache_pos, first_slot, cache, step_state,
+                                       taps)
+                next_tokens = sample(out.logits[:, -1], sampling, generator)
+                # CUDA graphs overwrite their outputs at the next replay: taps leave the graph's memory now.
+                next_taps = tuple(t.clone() for t in out.taps) if self.compiled else out.taps
             ids = to_host.wait()
             row_tokens: list[int | None] = []
             for b in range(B):
@@ -273,32 +310,37 @@ class Generator:
                 row_tokens.append(None if done[b] else ids[b])
             if all(done):
                 return
-            yield row_tokens
+            yield Emitted(row_tokens, emitted_taps)
+
+    def stream_batch(self, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+                     stop_tokens: Sequence[int] = (), media: Media | None = None) -> Iterator[list[int | None]]:
+        """`stream_steps` without taps: per step, each row's new token (None once it has stopped)."""
+        for emitted in self.stream_steps(prompts, sampling, stop_tokens, media):
+            yield emitted.tokens
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
-                 stop_tokens: Sequence[int] = (), vision=None) -> list[list[int]]:
+                 stop_tokens: Sequence[int] = (), media: Media | None = None) -> list[list[int]]:
         """New tokens of each prompt (stop token excluded)."""
         out: list[list[int]] = [[] for _ in prompts]
-        for row_tokens in self.stream_batch(prompts, sampling, stop_tokens, vision):
+        for row_tokens in self.stream_batch(prompts, sampling, stop_tokens, media):
             for b, t in enumerate(row_tokens):
                 if t is not None:
                     out[b].append(t)
         return out
 
     def stream_text(self, tokenizer: Tokenizer, prompt: Sequence[int], sampling: Sampling = Sampling(),
-                    stop_tokens: Sequence[int] | None = None, vision=None) -> Iterator[str]:
+                    stop_tokens: Sequence[int] | None = None, media: Media | None = None) -> Iterator[str]:
         """Yield text pieces of one prompt's answer as they are generated (UTF-8 split across tokens is held back)."""
         decoder = StreamDecoder(tokenizer)
         stops = tokenizer.stop_tokens if stop_tokens is None else stop_tokens
-        for (token,) in self.stream_batch([prompt], sampling, stops, vision):
+        for (token,) in self.stream_batch([prompt], sampling, stops, media):
             if piece := decoder.push(token):
                 yield piece
         if rest := decoder.flush():
             yield rest
 
 
-@torch.inference_mode()
-def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
-             stop_tokens: Sequence[int] = ()) -> list[list[int]]:
+def generate(model: Composed, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+             stop_tokens: Sequence[int] = (), media: Media | None = None) -> list[list[int]]:
     """One-off generation (see `Generator` to reuse caches and compiled graphs across calls)."""
-    return Generator(model).generate(prompts, sampling, stop_tokens)
+    return Generator(model).generate(prompts, sampling, stop_tokens, media)

@@ -15,7 +15,6 @@ This file holds no device, parallelism, compile or inference-mode code (STYLE ru
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Protocol
 
@@ -233,7 +232,8 @@ class TransformerBlock(nn.Module):
 class Llama(nn.Module):
     """Llama 3 decoder. `forward` maps token ids (or input embeddings) to fp32 logits.
 
-    The pieces `embed`, `rope`, `layers`, `head` are public so that `MMLlama` can run its own layer loop.
+    The pieces `embed`, `rope`, `layers`, `head` are public so that `MMLlama` can run its own layer loop (which also
+    hands out hidden states after any layer: `MMLlama.step(..., taps=...)`).
 
     Masks are boolean, True where a query may attend to a key, broadcastable to (B, 1, T, S). Without a mask and
     without a cache the attention is causal over the T positions.
@@ -319,20 +319,3 @@ class Llama(nn.Module):
         for layer in self.layers:
             h = layer(h, rope, mask, cache, cache_pos)
         return self.head(h[:, -1:] if last_only else h)
-
-    def hidden_states(self, tokens: torch.Tensor | None = None, *, layers: Sequence[int],
-                      embeddings: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Hidden states after `layers[i]` blocks, each (B, T, D): 0 is the embedding, n_layers the last block's
-        output (before the final norm). The paper's TTS reads layer 16 of the 8B model."""
-        bad = [i for i in layers if not 0 <= i <= self.config.n_layers]
-        if bad:
-            raise ValueError(f"layer indices {bad} outside 0..{self.config.n_layers}")
-        h, positions = self._inputs(tokens, embeddings, positions)
-        rope = self.rope(positions)
-        wanted = {0: h} if 0 in layers else {}
-        for i, layer in enumerate(self.layers[: max(layers)], start=1):
-            h = layer(h, rope, mask)
-            if i in layers:
-                wanted[i] = h
-        return [wanted[i] for i in layers]

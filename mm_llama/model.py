@@ -1,192 +1,291 @@
-"""`MMLlama`: the frozen trunk composed with its extensions. It owns the layer loop (STYLE rule 4): it iterates the
-trunk's layers itself and runs each cross-attention block just before the trunk layer it is scheduled for; nothing
-inside the trunk is wrapped, hooked or patched.
+"""`MMLlama`: the frozen trunk composed with its parts, and `MMConfig`, the one description every builder, loader and
+checkpoint uses.
 
-Text-only input skips the cross-attention blocks entirely, so its logits are bit-identical to the trunk's.
+The model owns the layer loop (STYLE rule 4): `step` iterates the trunk's layers itself, runs each gated
+cross-attention adapter's blocks just before the trunk layers they are scheduled for, splices embeddings into the
+token stream, and can hand out the hidden state after any layers ("taps": the TTS head reads layer 16). Nothing inside
+the trunk is wrapped, hooked or patched. `forward(tokens, media)` is what training calls: the whole media path runs
+inside it (so FSDP gathers every weight inside the root's forward). Generation calls `prepare` once per request and
+`step` per prefill/decode step.
 
-Shapes: B batch, T text positions, N vision tokens, D model dim, V vocabulary.
+A medium plugs in as a field of `MMConfig` and `Media`, its modules here (named after the field: the name is also
+its part in mm-llama's checkpoint format), and a few lines in `prepare`; the loop, generation and checkpoints are
+generic. Text-only input skips every adapter, so its logits are bit-identical to the trunk's.
+
+Shapes: B batch, T text positions, D model dim, V vocabulary.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from adapters.cross_attention import CrossAttentionConfig, ImageAdapter, cross_attention_mask
-from adapters.media_tokens import MediaTokenEmbedding
-from mm_llama.errors import InputError
-from mm_llama.llama import KVCacheLike, Llama
-from mm_llama.transfer import to_device
+from adapters.cross_attention import CrossAttentionConfig, CrossAttentionInputs, GatedCrossAttention
+from adapters.image import encode_images, image_inputs
+from adapters.media_tokens import N_MEDIA_ROWS, MediaTokenEmbedding
+from encoders.vision import VisionConfig, VisionEncoder
+from mm_llama.api import Assistant
+from mm_llama.errors import ConfigError, InputError
+from mm_llama.llama import KVCacheLike, Llama, LlamaConfig
+from mm_llama.media import Media, MediaState, Splice
 
-CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
+# Fields that choose Meta's or transformers' semantics when a checkpoint is loaded (`MMConfig.with_semantics`); the
+# weights are the same either way, so mm-llama's checkpoint format never stores them.
+SEMANTICS_FIELDS = {"vision": ("intermediate_mode", "hf_padding_images"), "image_adapter": ("mask_attention_rows",)}
 
 
-@dataclass
-class VisionInputs:
-    """The images of a batch, already encoded and projected to the trunk's width."""
+@dataclass(kw_only=True)
+class MMConfig:
+    """The composed model: the trunk and each optional part.
 
-    tokens: torch.Tensor  # (B, N, D), N = image slots x tiles x tokens_per_tile
-    tile_mask: torch.Tensor  # (B, I, Tiles) bool on the CPU, True for real tiles of real images
-    n_images: list[int]  # images per sample (the rest of the I slots are padding)
-    tokens_per_tile: int
+    A part's field name is also the name of its module in `MMLlama` and of its entry in mm-llama's checkpoint
+    format. The image encoder (`vision`) and the image adapter (`image_adapter`) come together.
+    """
+
+    trunk: LlamaConfig
+    vision: VisionConfig | None = None
+    image_adapter: CrossAttentionConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.vision is None) != (self.image_adapter is None):
+            raise ConfigError("MMConfig: 'vision' (the image encoder) and 'image_adapter' (its cross-attention "
+                              "adapter) come together; give both or neither")
+
+    @property
+    def has_media(self) -> bool:
+        """Whether any medium is attached (then the media-token rows exist)."""
+        return self.image_adapter is not None
+
+    def with_semantics(self, hf_compat: bool) -> MMConfig:
+        """The same model computing Meta's reference semantics (default) or transformers' (`hf_compat`): the ViT's
+        intermediate feature i is the input (Meta) or output (HF >= 4.56) of block i; rows without an image are
+        zeroed on both cross-attention branches (Meta) or only the MLP's (HF); HF's padding-image tile."""
+        if self.vision is None:
+            return self
+        return replace(self, vision=replace(self.vision, intermediate_mode="output" if hf_compat else "input",
+                                            hf_padding_images=hf_compat),
+                       image_adapter=replace(self.image_adapter, mask_attention_rows=not hf_compat))
+
+    def part_configs(self) -> dict[str, dict]:
+        """Each present part's config as stored by mm-llama's checkpoint format (semantics fields left out)."""
+        from mm_llama.config import to_dict
+
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "trunk" and value is not None:
+                out[f.name] = {k: v for k, v in to_dict(value).items() if k not in SEMANTICS_FIELDS.get(f.name, ())}
+        return out
+
+    @classmethod
+    def from_parts(cls, trunk: LlamaConfig, parts: Mapping[str, Mapping], *, source: str) -> MMConfig:
+        """Inverse of `part_configs`: `parts` maps part names to stored config dicts (strictly checked)."""
+        from mm_llama.config import from_dict
+
+        known = {f.name for f in fields(cls)} - {"trunk"}
+        if unknown := sorted(set(parts) - known):
+            raise ConfigError(f"{source}: unknown part config(s) {unknown}; parts with a config: {sorted(known)}")
+        return from_dict(cls, {"trunk": trunk, **parts}, source=source)
+
+
+class Step(NamedTuple):
+    """What one pass of the layer loop returns."""
+
+    logits: torch.Tensor  # (B, T, V) fp32 (T = 1 with last_only)
+    taps: tuple[torch.Tensor, ...]  # the hidden state after each requested number of layers, (B, T, D) each
 
 
 class MMLlama(nn.Module):
-    """Trunk + media-token rows + (optionally) an image encoder, its projection and the image adapter.
+    """Trunk + media-token rows + the parts `config` names (an image encoder, its projection and its adapter).
 
     Args:
-        trunk: the Llama 3 trunk (frozen in every stage but `lm`).
-        vision: the tiled ViT (`encoders.vision.VisionEncoder`), or None.
-        image_adapter: gated cross-attention blocks, or None for a text-only model.
+        config: the composed model.
+        trunk: an existing trunk to build around (e.g. a loaded, frozen one); its config must be `config.trunk`.
+            Default: a new one.
     """
 
-    def __init__(self, trunk: Llama, *, vision: nn.Module | None = None, image_adapter: ImageAdapter | None = None):
+    def __init__(self, config: MMConfig, *, trunk: Llama | None = None):
         super().__init__()
-        self.trunk = trunk
-        self.media = MediaTokenEmbedding(trunk.config.dim, trunk.config.vocab_size)
-        self.vision = vision
-        # Multi-layer ViT features (7680-d for ViT-H) -> the trunk's width, with a bias (Llama 3.2's projection).
-        self.vision_projection = nn.Linear(vision.config.output_dim, trunk.config.dim) if vision is not None else None
-        self.image_adapter = image_adapter
-        self.image_id = trunk.config.vocab_size  # <|image|>: the first media row (128256 for Llama 3)
-        # HF transformers' reading of a padding image (tile 0 real in the encoder's mask); it only matters with
-        # hf_compat rows, where text without an image attends to every vision token, padding included.
-        self.hf_padding_images = False
-        self.tokenizer = None  # set by from_pretrained when the directory has a tokenizer.model
-        self.max_images = 8  # images per question (bounds the cross-attention memory)
+        if trunk is not None and trunk.config != config.trunk:
+            raise ConfigError(f"the trunk's config differs from MMConfig.trunk: {trunk.config} vs {config.trunk}")
+        self.config = config
+        t = config.trunk
+        self.trunk = trunk if trunk is not None else Llama(t)
+        self.media = MediaTokenEmbedding(t.dim, t.vocab_size) if config.has_media else None
+        self.vision = self.vision_projection = self.image_adapter = None
+        if config.vision is not None:
+            self.vision = VisionEncoder(config.vision)
+            # Multi-layer ViT features (7680-d for ViT-H) -> the trunk's width, with a bias (Llama 3.2's projection).
+            self.vision_projection = nn.Linear(config.vision.output_dim, t.dim)
+            self.image_adapter = GatedCrossAttention(t, config.image_adapter)
+        self.image_id = t.vocab_size  # <|image|>: the first media row (128256 for Llama 3)
+        self.source: Path | None = None  # the directory `from_pretrained` read (where `ask` finds tokenizer.model)
 
     @classmethod
     def from_pretrained(cls, path, *, hf_compat: bool = False, dtype: torch.dtype | None = torch.bfloat16,
-                        device: torch.device | str = "cpu") -> "MMLlama":
-        """Load a Llama 3.2 Vision checkpoint directory, strictly: Hugging Face Mllama (config.json), Meta
-        (params.json with vision fields + consolidated.NN.pth) or mm-llama (mm_llama.json with a vision part).
+                        device: torch.device | str = "cpu") -> MMLlama:
+        """Load any checkpoint directory, strictly: a Llama 3 trunk (Meta or Hugging Face), Llama 3.2 Vision
+        (Hugging Face Mllama, Meta with `vision_*` fields and model-parallel shards), or mm-llama's own format (a
+        trunk with any parts). See `mm_llama.checkpoints.load_mmllama`.
 
         Args:
-            hf_compat: reproduce transformers >= 4.56 exactly (intermediate ViT features taken after block i; the
-                cross-attention branch not row-masked; HF's padding-image tile). Default: Meta's reference
-                semantics, which the checkpoints were trained with.
+            hf_compat: compute transformers' semantics instead of Meta's (see `MMConfig.with_semantics`).
             dtype: parameter dtype (None keeps the checkpoint's); device: where the weights go.
         """
-        from mm_llama.checkpoints.mllama import load_mmllama
+        from mm_llama.checkpoints import load_mmllama
 
         return load_mmllama(path, hf_compat=hf_compat, dtype=dtype, device=device)
 
-    def ask(self, question: str, **kwargs) -> str:
-        """Answer `question` (optionally about `image=` or `images=`); see `mm_llama.api.ask_stream`."""
-        from mm_llama.api import ask
+    # --- Conveniences over `mm_llama.api.Assistant` (a new one per call, with the checkpoint's tokenizer) ---------
 
-        return ask(self, question, **kwargs)
+    def ask(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
+            max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+            seed: int | None = None) -> str:
+        """The answer to `question`, about `image` or `images` if given; greedy by default. The tokenizer is the
+        checkpoint directory's; for a tokenizer of your own, compiled decoding or many questions, use
+        `mm_llama.api.Assistant`, whose `ask_stream` documents the arguments."""
+        return "".join(self.ask_stream(question, image=image, images=images, system=system,
+                                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed))
 
-    def ask_stream(self, question: str, **kwargs):
-        """Stream the answer to `question` as text pieces; see `mm_llama.api.ask_stream`."""
-        from mm_llama.api import ask_stream
+    def ask_stream(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
+                   max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                   seed: int | None = None) -> Iterator[str]:
+        """`ask`, streamed as text pieces."""
+        return Assistant.for_model(self).ask_stream(question, image=image, images=images, system=system,
+                                                    max_new_tokens=max_new_tokens, temperature=temperature,
+                                                    top_k=top_k, top_p=top_p, seed=seed)
 
-        return ask_stream(self, question, **kwargs)
+    # --- What generation and checkpoints use -----------------------------------------------------------------------
 
-    @classmethod
-    def with_image_adapter(cls, trunk: Llama, config: CrossAttentionConfig, vision: nn.Module | None = None
-                           ) -> "MMLlama":
-        return cls(trunk, vision=vision, image_adapter=ImageAdapter(trunk.config, config))
+    @property
+    def n_token_ids(self) -> int:
+        """Token ids the model reads: the vocabulary, and the media rows above it when a medium is attached."""
+        return self.config.trunk.vocab_size + (N_MEDIA_ROWS if self.media is not None else 0)
 
-    def preprocess(self, images: list[list], device: torch.device | str | None = None) -> dict:
-        """Raw images per sample -> the tiled, normalised batch `forward(images=...)` takes."""
-        from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images
+    def parts(self) -> dict[str, nn.Module]:
+        """Every part but the trunk, by name: one entry each in mm-llama's checkpoint format."""
+        return {name: module for name, module in self.named_children() if name != "trunk"}
 
-        if self.vision is None:
-            raise InputError("this model has no image encoder")
-        if any(len(sample) > self.max_images for sample in images):
-            raise InputError(f"a sample has more than {self.max_images} images, the most this model accepts")
-        c = self.vision.config
-        transform = ImageTransform(ImageTransformConfig(tile_size=c.tile_size, max_tiles=c.max_tiles))
-        batch = collate_images([[transform(image) for image in sample] for sample in images])
-        weight = self.vision_projection.weight
-        device = weight.device if device is None else device
-        return {"pixel_values": batch["pixel_values"].to(device, weight.dtype),
-                "aspect_ratio_ids": batch["aspect_ratio_ids"].to(device), "n_images": batch["n_images"].tolist()}
+    def encoders(self) -> dict[str, nn.Module]:
+        """The media encoders, which run once per request on fixed shapes: what generation may compile."""
+        return {"vision": self.vision} if self.vision is not None else {}
 
-    def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                      n_images: list[int], encoder=None) -> VisionInputs:
-        """Tiled images (B, I, Tiles, 3, S, S) with their ratio ids (B, I) -> projected vision tokens and masks.
-        `encoder`: a stand-in for `self.vision` with the same signature (e.g. a compiled one, see generate.py)."""
-        from encoders.vision import tile_mask_from_ids
+    def _cross_adapters(self) -> list[tuple[str, GatedCrossAttention]]:
+        """The gated cross-attention adapters in the order their blocks run before the same trunk layer."""
+        return [("image_adapter", self.image_adapter)] if self.image_adapter is not None else []
 
-        if self.vision is None:
-            raise InputError("this model has no image encoder")
-        # Tile masks are made on the host, before any of this request's work is queued: the masks of the text
-        # (`cross_inputs`) then need no wait for the encoder.
-        ids = aspect_ratio_ids.cpu()
-        tile_mask = tile_mask_from_ids(ids, pixel_values.shape[2])  # (B, I, Tiles)
-        encoder_mask = tile_mask.clone()
-        if self.hf_padding_images:
-            encoder_mask[..., 0] |= ids == 0
-        encoder = self.vision if encoder is None else encoder
-        features = encoder(pixel_values, aspect_ratio_ids, to_device(encoder_mask, pixel_values.device))
-        B, n_slots, n_tiles, L, _ = features.shape
-        tokens = self.vision_projection(features).reshape(B, n_slots * n_tiles * L, -1)  # (B, N, D)
-        return VisionInputs(tokens, tile_mask, list(n_images), L)
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids, media ids included -> (B, T, D). (Ids are checked by the callers that take user input, so
-        that this stays free of host synchronisation.)"""
-        return self.media(tokens, self.trunk.tok_embeddings)
-
-    def cross_kv(self, vision: torch.Tensor) -> CrossKV:
-        """Keys/values of every cross-attention block for projected vision tokens (B, N, D): computed once per
-        request and reused at every decode step."""
-        if self.image_adapter is None:
-            raise InputError("this model has no image adapter: it answers text only")
-        return self.image_adapter.kv(vision)
-
-    def cross_inputs(self, tokens: torch.Tensor, vision: VisionInputs) -> dict:
-        """`forward`'s image arguments for `tokens` (B, T): cross-attention K/V, mask and rows. `tokens` are read
-        on the host: a CPU tensor lets this queue its work behind the image encoder's without waiting for it."""
-        mask, rows = cross_attention_mask(tokens, self.image_id, vision.n_images, vision.tile_mask,
-                                          vision.tokens_per_tile, device=vision.tokens.device)
-        return {"cross_kv": self.cross_kv(vision.tokens), "cross_mask": mask, "rows": rows.to(vision.tokens.dtype)}
-
-    def forward(self, tokens: torch.Tensor, *, images: dict | None = None, cross_kv: CrossKV | None = None,
-                cross_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCacheLike | None = None, cache_pos: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits for `tokens` (B, T), attending to images.
+    def prepare(self, tokens: torch.Tensor | Sequence[Sequence[int]], media: Media | None, *,
+                left_pad: Sequence[int] | None = None, for_decoding: bool = False,
+                encoders: Mapping[str, nn.Module] | None = None) -> MediaState | None:
+        """Encode `media` and build what the layer loop reads for `tokens` (B, T).
 
         Args:
-            images: the images of the batch: a list per sample of paths / PIL images / uint8 arrays, or what
-                `preprocess` (`encoders.image_transform.collate_images`) returns ({"pixel_values",
-                "aspect_ratio_ids", "n_images", ...}); encoded, projected and attended in this call — the path
-                training takes (under FSDP every weight is then used inside this forward).
-            cross_kv, cross_mask, rows: precomputed image inputs (`cross_inputs`), the path generation takes: K/V
-                once per request. cross_mask None means every position sees every vision token.
-            positions, mask, cache, cache_pos, last_only: as for `Llama.forward`.
-            Without images or cross_kv the cross blocks are skipped (text-only: bit-identical to the trunk).
+            tokens: the ids, read on the host (a CUDA tensor makes the host wait for the GPU; lists or a CPU tensor
+                let it queue the encoders' work without waiting).
+            left_pad: pad tokens in front of each row (generation left-pads; spliced spans move with it).
+            for_decoding: compute each adapter's keys/values here, once, for a prefill and many decode steps;
+                default: each block computes its own inside its forward (training).
+            encoders: stand-ins for `encoders()` with the same signature (e.g. compiled ones).
+        Returns:
+            The state, or None without media.
+        """
+        if media is None:
+            return None
+        rows = tokens.tolist() if isinstance(tokens, torch.Tensor) else [list(row) for row in tokens]
+        encoders = {**self.encoders(), **(encoders or {})}
+        state = MediaState()
+        if media.images is not None:
+            if self.vision is None:
+                raise InputError("this model has no image encoder: it answers text only")
+            projected = encode_images(media.images, encoders["vision"], self.vision_projection,
+                                      hf_padding_images=self.config.vision.hf_padding_images)
+            state.cross["image_adapter"] = image_inputs(rows, media.images, projected, image_id=self.image_id,
+                                                        adapter=self.image_adapter if for_decoding else None)
+        if media.embeddings is not None:
+            state.splice = Splice.resolve(media.embeddings, len(rows), len(rows[0]), self.config.trunk.dim, left_pad)
+        return state
+
+    def embed(self, tokens: torch.Tensor, splice: Splice | None = None) -> torch.Tensor:
+        """(B, T) ids, media ids included -> (B, T, D), with `splice`'s embeddings in place. (Ids are checked by
+        the callers that take user input, so that this stays free of host synchronisation.)"""
+        h = self.media(tokens, self.trunk.tok_embeddings) if self.media is not None else self.trunk.embed(tokens)
+        return splice.place(h) if splice is not None else h
+
+    def forward(self, tokens: torch.Tensor, media: Media | None = None, *, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: KVCacheLike | None = None,
+                cache_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits for `tokens` (B, T) attending to `media`, encoded inside this call (the training path).
+
+        Args:
+            media: the batch's media, or None for text (the adapters are then skipped: the trunk's logits exactly).
+            positions, mask, cache, cache_pos, last_only: as for `step`.
         Returns:
             (B, T, V) fp32 logits.
         """
+        return self.step(tokens, self.prepare(tokens, media), positions=positions, mask=mask, cache=cache,
+                         cache_pos=cache_pos, last_only=last_only).logits
+
+    def step(self, tokens: torch.Tensor, state: MediaState | None = None, *, positions: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, cache: KVCacheLike | None = None,
+             cache_pos: torch.Tensor | None = None, last_only: bool = False, taps: Sequence[int] = ()) -> Step:
+        """The layer loop: one pass over `tokens` (B, T) with a prepared media state.
+
+        Args:
+            state: from `prepare` (None: text only).
+            positions: RoPE positions, (T,) or (B, T); default 0..T-1.
+            mask: boolean (B|1, 1, T, S), True = may attend; default causal (required with a cache).
+            cache, cache_pos: KV cache and the (T,) slots the new keys/values go to.
+            last_only: logits and taps of the last position only (what a prefill needs).
+            taps: numbers of trunk layers after which to return the hidden state: 0 is the embeddings (spliced
+                ones included), n_layers the last layer's output before the final norm. Cross-attention blocks
+                scheduled before layer i run after tap i.
+        Returns:
+            `Step(logits, taps)`, the taps in the order asked.
+        """
+        n = len(self.trunk.layers)
+        if bad := [i for i in taps if not (isinstance(i, int) and 0 <= i <= n)]:
+            raise InputError(f"taps {bad} are not layer counts in 0..{n}")
         if cache is not None and (mask is None or cache_pos is None):
             raise ValueError("a KV cache needs an explicit mask and cache_pos (see generate.py)")
-        if isinstance(images, list):  # raw images per sample (DESIGN §5): paths, PIL images, uint8 arrays
-            images = self.preprocess(images, device=tokens.device)
-        if images is not None:
-            vision = self.encode_images(images["pixel_values"], images["aspect_ratio_ids"],
-                                        [int(n) for n in images["n_images"]])
-            cross_mask, rows = cross_attention_mask(tokens, self.image_id, vision.n_images, vision.tile_mask,
-                                                    vision.tokens_per_tile)
-            rows = rows.to(vision.tokens.dtype)
-            # Each block computes its K/V from the vision tokens inside its own forward.
-            cross_kv = [vision.tokens] * len(self.image_adapter.cross_attention_layers)
-        if cross_kv is not None and rows is None:
-            raise ValueError("cross_kv needs rows (and cross_mask, unless every vision token is visible)")
-        h = self.embed(tokens)
+        h = self.embed(tokens, state.splice if state is not None else None)
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         rope = self.trunk.rope(positions)
-        before = self.image_adapter.block_before() if cross_kv is not None else {}
+        before = self._blocks_before(state)
+        kept = {0: h} if 0 in taps else {}
         for i, layer in enumerate(self.trunk.layers):
-            if i in before:
-                j = before[i]
-                h = self.image_adapter.cross_attention_layers[j](h, cross_kv[j], cross_mask, rows)
+            for block in before.get(i, ()):
+                h = block(h)
             h = layer(h, rope, mask, cache, cache_pos)
-        return self.trunk.head(h[:, -1:] if last_only else h)
+            if i + 1 in taps:
+                kept[i + 1] = h
+        for block in before.get(n, ()):  # blocks scheduled after the last trunk layer (HF allows any placement)
+            h = block(h)
+        if last_only:
+            h, kept = h[:, -1:], {i: x[:, -1:] for i, x in kept.items()}
+        return Step(self.trunk.head(h), tuple(kept[i] for i in taps))
+
+    def _blocks_before(self, state: MediaState | None) -> dict[int, list[Callable[[torch.Tensor], torch.Tensor]]]:
+        """Trunk layer index -> the cross-attention blocks to run just before it, bound to their inputs, in run
+        order. Adapters without inputs in `state` are skipped entirely."""
+        before: dict[int, list] = {}
+        if state is None:
+            return before
+        for name, adapter in self._cross_adapters():
+            inputs = state.cross.get(name)
+            if inputs is None:
+                continue
+            for j, (layer, block) in enumerate(zip(adapter.schedule, adapter.cross_attention_layers, strict=True)):
+                before.setdefault(layer, []).append(_bound(block, inputs, j))
+        return before
+
+
+def _bound(block: nn.Module, inputs: CrossAttentionInputs, j: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Block j of an adapter with its inputs: hidden states in, hidden states out."""
+    return lambda h: block(h, inputs.mask, inputs.rows, **inputs.block_kwargs(j))

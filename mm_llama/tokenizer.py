@@ -24,7 +24,8 @@ import tiktoken
 from mm_llama.errors import InputError, TokenizerError
 
 __all__ = [
-    "MEDIA_TOKENS", "N_MEDIA_TOKENS", "SPECIAL_TOKENS", "StreamDecoder", "Tokenizer", "load_ranks", "write_ranks",
+    "MEDIA_PARTS", "MEDIA_TOKENS", "N_MEDIA_TOKENS", "SPECIAL_TOKENS", "StreamDecoder", "Tokenizer", "load_ranks",
+    "write_ranks",
 ]
 
 # Meta's Llama 3 pre-tokenizer regex (llama3 `tokenizer.py`); ids only match Meta's with exactly this pattern.
@@ -52,7 +53,20 @@ MEDIA_TOKENS = ["<|image|>", "<|video|>", "<|speech_start|>", "<|speech_end|>"] 
     f"<|media_reserved_{i}|>" for i in range(4, N_MEDIA_TOKENS)
 ]
 ROLES = ("system", "user", "assistant", "ipython")
+# Content part type → its token (transformers' Mllama chat template / the OpenAI chat format, plus video).
+MEDIA_PARTS = {"image": "<|image|>", "video": "<|video|>"}
+_PARTS_ACCEPTED = '{"type": "text", "text": str}, {"type": "image"}, {"type": "video"}'
 _BYTE_RANKS = {bytes([b]): b for b in range(256)}
+
+
+# Where a checkpoint directory keeps its tokenizer.model: HF repositories put Meta's original files under original/.
+TOKENIZER_PLACES = ("tokenizer.model", "original/tokenizer.model")
+
+
+def find_tokenizer(checkpoint: str | Path) -> Path | None:
+    """The tokenizer.model a checkpoint directory ships (see `TOKENIZER_PLACES`), or None."""
+    return next((Path(checkpoint) / place for place in TOKENIZER_PLACES if (Path(checkpoint) / place).is_file()),
+                None)
 
 
 def load_ranks(path: str | Path) -> dict[bytes, int]:
@@ -237,42 +251,79 @@ class Tokenizer:
         role_ids, sep_ids = self.encode(role, bos=False, eos=False), self.encode("\n\n", bos=False, eos=False)
         return [self.start_header_id, *role_ids, self.end_header_id, *sep_ids]
 
-    def encode_message(self, role: str, content: str, media: Sequence[str] = ()) -> list[int]:
-        """One chat message: header, media tokens, stripped content, `<|eot_id|>`.
+    def encode_message(self, role: str, content: str | Sequence[Mapping]) -> list[int]:
+        """One chat message: header, content, `<|eot_id|>`.
 
         Args:
             role: one of "system", "user", "assistant", "ipython".
-            content: the text; leading/trailing whitespace is stripped (Meta's llama3 chat format).
-            media: media token names placed before the content, e.g. ["<|image|>"].
+            content: a str, stripped of leading/trailing whitespace (Meta's llama3 chat format); or a list of parts
+                (transformers' Mllama chat template, the OpenAI chat format) that puts media anywhere in the message:
+                `{"type": "text", "text": str}`, `{"type": "image"}` → `<|image|>`, `{"type": "video"}` → `<|video|>`.
+                Text parts are not stripped, and adjacent ones are joined before encoding, as the template renders
+                them. Special-token text inside a text part (a typed "<|image|>" or "<|eot_id|>") stays plain text,
+                unlike the Mllama template, which would turn it into the token: user text must not be able to forge
+                media or turn boundaries (prompt injection).
         Returns:
-            the ids.
+            the ids; `InputError` for a bad role or content.
         """
+        return self._encode_message(role, content, "message")
+
+    def _encode_message(self, role: str, content: str | Sequence[Mapping], where: str) -> list[int]:
         header = self.encode_header(role)
-        bad = [m for m in media if m not in MEDIA_TOKENS]
-        if isinstance(media, str) or bad:
-            raise InputError(f"media must be a list of media token names {MEDIA_TOKENS}; got {media!r}")
-        if not isinstance(content, str):
-            raise InputError(f"message content must be a str, got {type(content).__name__}")
-        media_ids = [self.special_tokens[m] for m in media]
-        return header + media_ids + self.encode(content.strip(), bos=False, eos=False) + [self.eot_id]
+        if isinstance(content, str):
+            return header + self.encode(content.strip(), bos=False, eos=False) + [self.eot_id]
+        if not isinstance(content, (list, tuple)):
+            raise InputError(f"{where}: content must be a str or a list of parts ({_PARTS_ACCEPTED}); "
+                             f"got {type(content).__name__}")
+        ids, text = [], []  # text: the run of adjacent text parts, encoded as one string
+        for j, part in enumerate(content):
+            kind = _part_kind(part, f"{where}, part {j}")
+            if kind == "text":
+                text.append(part["text"])
+                continue
+            ids += self.encode("".join(text), bos=False, eos=False) + [self.special_tokens[MEDIA_PARTS[kind]]]
+            text = []
+        return header + ids + self.encode("".join(text), bos=False, eos=False) + [self.eot_id]
 
     def encode_dialog(self, messages: Sequence[Mapping], *, add_generation_prompt: bool = True) -> list[int]:
         """A whole dialog: `<|begin_of_text|>`, each message, then the assistant header to be completed.
 
+        No system message is added unless one is given (the Mllama template adds a dated one to text-only dialogs).
+
         Args:
-            messages: dicts with "role", "content" and optionally "media" (see `encode_message`).
+            messages: dicts with "role" and "content", a str or a list of parts (see `encode_message`), e.g.
+                `{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}`.
             add_generation_prompt: append the assistant header for the model to continue.
         Returns:
             the ids.
         """
         ids = [self.bos_id]
         for n, msg in enumerate(messages):
-            if not isinstance(msg, Mapping) or not {"role", "content"} <= msg.keys() <= {"role", "content", "media"}:
-                raise InputError(f"message {n} must be a dict with 'role', 'content' and optional 'media'; got {msg!r}")
-            ids += self.encode_message(msg["role"], msg["content"], msg.get("media", ()))
+            if isinstance(msg, Mapping) and "media" in msg:
+                raise InputError(f"message {n}: the 'media' key is gone; put media in 'content' as a list of parts, "
+                                 "e.g. [{'type': 'image'}, {'type': 'text', 'text': '...'}]")
+            if not isinstance(msg, Mapping) or msg.keys() != {"role", "content"}:
+                raise InputError(f"message {n} must be a dict with exactly 'role' and 'content'; got {msg!r}")
+            ids += self._encode_message(msg["role"], msg["content"], f"message {n}")
         if add_generation_prompt:
             ids += self.encode_header("assistant")
         return ids
+
+
+def _part_kind(part: object, where: str) -> str:
+    """The type of one content part, after checking its shape; `InputError` naming `where` otherwise."""
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    kind = kind if isinstance(kind, str) else None
+    if kind in ("audio", "speech"):
+        raise InputError(f"{where}: {kind} parts are not supported yet (speech will need the audio length); "
+                         f"accepted: {_PARTS_ACCEPTED}")
+    if kind == "text":
+        ok = part.keys() == {"type", "text"} and isinstance(part["text"], str)
+    else:
+        ok = kind in MEDIA_PARTS and part.keys() == {"type"}
+    if not ok:
+        raise InputError(f"{where}: expected one of {_PARTS_ACCEPTED}; got {part!r:.200}")
+    return kind
 
 
 class StreamDecoder:

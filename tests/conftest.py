@@ -21,6 +21,13 @@ def llama3_tokenizer_path() -> Path:
     return LLAMA3_TOKENIZER
 
 
+def composed(trunk):
+    """The text-only composed model around `trunk` (what generation runs)."""
+    from mm_llama.model import MMConfig, MMLlama
+
+    return MMLlama(MMConfig(trunk=trunk.config), trunk=trunk).eval()
+
+
 def hf_llama_config(*, vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=176,
                     scaled_rope=True, tied=False, original_context=32, max_positions=512):
     from transformers import LlamaConfig

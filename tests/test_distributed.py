@@ -130,8 +130,8 @@ def test_vision_pretrain_two_processes_give_the_global_contrastive_loss(tmp_path
     model = stage.build(Runtime(0, 1, torch.device("cpu"), False))
     batches = [next(stage.batches(Runtime(r, 2, torch.device("cpu"), False), 0)) for r in (0, 1)]
     with torch.no_grad():
-        image, text, scale = model(torch.cat([b["pixel_values"] for b in batches]),
-                                   torch.cat([b["aspect_ratio_ids"] for b in batches]),
+        image, text, scale = model(torch.cat([b["images"].pixel_values for b in batches]),
+                                   torch.cat([b["images"].aspect_ratio_ids for b in batches]),
                                    torch.cat([b["text"] for b in batches]))
         expected = ClipLoss()(image, text, scale).item()
         # Without the gather each rank would see only its own 4 captions: a different loss.

@@ -1,24 +1,29 @@
-"""Generation: KV-cache decoding equals the full forward, batches equal single prompts, sampling, streaming."""
+"""Generation: KV-cache decoding equals the full forward, batches equal single prompts, sampling, streaming, taps."""
 
 import pytest
 import torch
 
-from conftest import llama3_tokenizer_path
+from conftest import composed, llama3_tokenizer_path
 from mm_llama.errors import InputError
 from mm_llama.generate import Generator, KVCache, Sampling, attention_mask, generate, sample
 from mm_llama.llama import Llama, LlamaConfig
 from mm_llama.tokenizer import Tokenizer
 
 
-def debug_model(seed=0, **overrides) -> Llama:
+def debug_trunk(seed=0, **overrides) -> Llama:
     torch.manual_seed(seed)
     model = Llama(LlamaConfig.preset("debug", **overrides)).eval()
     model.init_weights(std=0.3)  # peaked distributions: greedy choices are far from ties
     return model
 
 
+def debug_model(seed=0, **overrides):
+    """The text-only composed model around a debug trunk: what generation runs."""
+    return composed(debug_trunk(seed, **overrides))
+
+
 def test_incremental_decoding_equals_full_forward():
-    model = debug_model()
+    model = debug_trunk()
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(tokens)
@@ -61,6 +66,34 @@ def test_greedy_matches_argmax_of_full_forward():
         for _ in range(8):
             sequence.append(model(torch.tensor([sequence]))[0, -1].argmax().item())
     assert new == sequence[len(prompt):]
+
+
+def test_taps_equal_the_hidden_states_of_a_full_forward():
+    # The TTS head reads the hidden state of a trunk layer at every generated token: what generation yields must be
+    # what a full forward over the whole sequence computes at that position.
+    model = debug_model(seed=9)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    steps = list(Generator(model).stream_steps(prompts, Sampling(max_new_tokens=6), taps=(0, 1, 2)))
+    assert len(steps) == 6 and all(len(s.taps) == 3 and s.taps[0].shape == (2, 1, 64) for s in steps)
+    for b, prompt in enumerate(prompts):
+        sequence = prompt + [s.tokens[b] for s in steps]
+        with torch.no_grad():
+            full = model.step(torch.tensor([sequence]), taps=(0, 1, 2))
+        scale = full.taps[2].abs().max()
+        assert scale > 1.0
+        for k, emitted in enumerate(steps):  # token k was chosen at position len(prompt) - 1 + k
+            at = len(prompt) - 1 + k
+            for tap, got in zip(full.taps, emitted.taps, strict=True):
+                # fp32 rounding only: the cached path sums over a longer (masked) key range in another order.
+                assert (got[b, 0] - tap[0, at]).abs().max() <= 1e-5 * scale, (b, k)
+    # Tap 0 is the embedding, tap n_layers the last layer's output before the final norm.
+    tokens = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        out = model.step(tokens, taps=(2, 0))
+        assert torch.equal(out.taps[1], model.trunk.embed(tokens))
+        assert torch.equal(model.trunk.head(out.taps[0]), out.logits)
+    with pytest.raises(InputError, match=r"taps \[3\]"):
+        model.step(tokens, taps=(3,))
 
 
 def test_stop_tokens_end_each_row_independently():
@@ -129,3 +162,25 @@ def test_pad_rows_never_see_nothing():
     assert mask.shape == (2, 1, 6, 8)
     assert mask.any(dim=-1).all()  # every query row has a key: no NaN from an empty softmax
     assert not mask[1, 0, 5, :4].any() and mask[1, 0, 5, 4:6].all()  # real tokens never attend to pad slots
+
+
+def test_compiled_decode_step_gives_the_same_logits_and_taps():
+    # What `Generator(compile=True)` compiles (without CUDA graphs, which need a GPU): one decode step of the layer
+    # loop, taps included, whole-graph. Inductor's kernels must give eager's numbers.
+    from mm_llama.generate import decode_one, prefill
+
+    model = debug_model(seed=10)
+    compiled = torch.compile(decode_one, fullgraph=True)
+    prompt = torch.tensor([[3, 4, 5, 6, 7]])
+    results = []
+    for step in (decode_one, compiled):
+        cache = KVCache.for_model(model.trunk, 1, 16)
+        first = torch.zeros(1, dtype=torch.long)
+        with torch.no_grad():
+            prefill(model, prompt, torch.arange(5)[None], first, cache, None, ())
+            results.append(step(model, torch.tensor([[8]]), torch.tensor([5]), first, cache, None, (1, 2)))
+    (eager_logits, eager_taps), (logits, taps) = results
+    assert eager_taps[1].abs().max() > 1.0
+    assert (logits - eager_logits).abs().max() <= 1e-4 * eager_logits.abs().max()
+    for got, want in zip(taps, eager_taps, strict=True):
+        assert got.shape == (1, 1, 64) and (got - want).abs().max() <= 1e-4 * want.abs().max()

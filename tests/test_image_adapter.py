@@ -1,15 +1,23 @@
-"""The gated cross-attention adapter and MMLlama's layer loop: schedule, masks, identity at zero gates, and parity
-with transformers' Mllama text model (fed the same projected vision tokens)."""
+"""The gated cross-attention adapter and MMLlama's layer loop: schedule, masks, identity at zero gates, parity with
+transformers' Mllama text model (fed the same projected vision tokens), and the splice path."""
 
 import pytest
 import torch
 
-from adapters.cross_attention import CrossAttentionConfig, cross_attention_mask, fusion_schedule, image_spans
+from adapters.cross_attention import (
+    CrossAttentionConfig,
+    cross_attention_inputs,
+    cross_attention_schedule,
+    fusion_schedule,
+    media_spans,
+)
 from conftest import randomize_
+from encoders.vision import VisionConfig
 from mm_llama.checkpoints.mllama_hf import text_state_from_hf, text_state_to_hf
-from mm_llama.errors import InputError
+from mm_llama.errors import ConfigError, InputError
 from mm_llama.llama import Llama, LlamaConfig
-from mm_llama.model import MMLlama
+from mm_llama.media import EmbeddingSpans, Media, MediaState
+from mm_llama.model import MMConfig, MMLlama
 
 IMG = 300  # the image token of a 300-token vocabulary: the first media row
 TOKENS_PER_TILE, TILES = 5, 4
@@ -21,27 +29,47 @@ def test_fusion_schedule_matches_llama_3_2():
     assert fusion_schedule(4, 2) == [1, 3]
 
 
-def test_image_spans_follow_meta():
-    assert image_spans([1, 2, IMG, 5, 6], IMG) == [(2, 5)]
-    assert image_spans([IMG, 5, IMG, 6, 7], IMG) == [(0, 2), (2, 5)]
+def test_explicit_schedules_are_checked():
+    assert cross_attention_schedule(4, CrossAttentionConfig(n_layers=2)) == [1, 3]
+    assert cross_attention_schedule(4, CrossAttentionConfig(n_layers=3, layers=(0, 0, 4))) == [0, 0, 4]
+    with pytest.raises(ConfigError, match="past the trunk's 4 layers"):
+        cross_attention_schedule(4, CrossAttentionConfig(n_layers=1, layers=(5,)))
+    with pytest.raises(ConfigError, match="non-decreasing"):
+        CrossAttentionConfig(n_layers=2, layers=(3, 1))
+    with pytest.raises(ConfigError, match="2 entries but n_layers is 8"):
+        CrossAttentionConfig(layers=(1, 3))
+
+
+def test_media_spans_follow_meta():
+    assert media_spans([1, 2, IMG, 5, 6], IMG) == [(2, 5)]
+    assert media_spans([IMG, 5, IMG, 6, 7], IMG) == [(0, 2), (2, 5)]
     # Consecutive images share the text that follows them.
-    assert image_spans([1, IMG, IMG, 6, 7, IMG, 9], IMG) == [(1, 5), (2, 5), (5, 7)]
-    assert image_spans([1, 2, 3], IMG) == []
+    assert media_spans([1, IMG, IMG, 6, 7, IMG, 9], IMG) == [(1, 5), (2, 5), (5, 7)]
+    assert media_spans([1, 2, 3], IMG) == []
 
 
 def test_cross_attention_mask_shapes_tiles_and_rows():
-    tokens = torch.tensor([[1, IMG, 5, IMG, 6], [IMG, 2, 3, 4, 5]])
+    tokens = [[1, IMG, 5, IMG, 6], [IMG, 2, 3, 4, 5]]
     tile_mask = torch.tensor([[[1, 1, 0, 0], [1, 0, 0, 0]], [[1, 1, 1, 1], [0, 0, 0, 0]]], dtype=torch.bool)
-    mask, rows = cross_attention_mask(tokens, IMG, [2, 1], tile_mask, TOKENS_PER_TILE)
+    source = torch.zeros(2, 2 * TILES * TOKENS_PER_TILE, 8)
+    inputs = cross_attention_inputs(tokens, IMG, [2, 1], tile_mask, TOKENS_PER_TILE, source=source)
+    mask, rows = inputs.mask, inputs.rows
     assert mask.shape == (2, 1, 5, 2 * TILES * TOKENS_PER_TILE) and rows.shape == (2, 5, 1)
+    assert not inputs.last_sees_all  # sample 0's last position sees 1 tile of its second image only
     assert rows[:, :, 0].tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert mask[0, 0, 0].all()  # no image seen yet: a uniform row (zeroed by `rows`)
     per_token = mask[0, 0, 2].view(2, TILES, TOKENS_PER_TILE)
     assert per_token[0, :2].all() and not per_token[0, 2:].any() and not per_token[1].any()  # image 0, real tiles
     assert mask[0, 0, 4].view(2, TILES, TOKENS_PER_TILE)[1, 0].all()  # image 1 from its token on
     assert mask[1, 0, 3].view(2, TILES, TOKENS_PER_TILE)[0].all()
-    with pytest.raises(InputError, match="sample 1 has 1 <|image|> token"):
-        cross_attention_mask(tokens, IMG, [2, 2], tile_mask, TOKENS_PER_TILE)
+    with pytest.raises(InputError, match="sample 1 has 1 media token"):
+        cross_attention_inputs(tokens, IMG, [2, 2], tile_mask, TOKENS_PER_TILE, source=source)
+    decode = cross_attention_inputs(tokens, IMG, [2, 1], tile_mask, TOKENS_PER_TILE, kv=[(source, source)]).for_decode()
+    assert torch.equal(decode.mask, mask[:, :, -1:]) and torch.equal(decode.rows, rows[:, -1:])
+    one = [[1, IMG, 5], [IMG, 2, 3]]  # one image each, every tile real: the last positions see every image token
+    kv = [(source[:, :TILES * TOKENS_PER_TILE],) * 2]
+    assert cross_attention_inputs(one, IMG, [1, 1], torch.ones(2, 1, TILES, dtype=torch.bool), TOKENS_PER_TILE,
+                                  kv=kv).for_decode().mask is None  # so a decode step needs no mask
 
 
 def tiny_hf_text_model(seed=0):
@@ -64,14 +92,16 @@ def tiny_hf_text_model(seed=0):
 
 
 def ours_from_hf(hf, mask_attention_rows: bool) -> MMLlama:
+    """The text side of HF's model in ours (the ViT is there, unused: the tests feed projected vision tokens)."""
     trunk_config = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16,
                                ffn_dim_multiplier=176 / 170, norm_eps=1e-5, use_scaled_rope=True,
                                rope_original_context=16)
     assert trunk_config.ffn_hidden_dim == 176
-    model = MMLlama.with_image_adapter(Llama(trunk_config), CrossAttentionConfig(
-        n_layers=2, mask_attention_rows=mask_attention_rows))
+    adapter = CrossAttentionConfig(n_layers=2, mask_attention_rows=mask_attention_rows)
+    model = MMLlama(MMConfig(trunk=trunk_config, vision=VisionConfig.preset("debug"), image_adapter=adapter))
     state = text_state_from_hf(hf.state_dict(), trunk_config, model.image_adapter.schedule)
-    model.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("vision.", "vision_projection.")) for k in missing)
     return model.eval()
 
 
@@ -90,7 +120,7 @@ def hf_logits(hf, tokens, tile_mask, n_images, vision):
 
     dense = torch.zeros(2, tokens.shape[1], 2, TILES)
     for b, row in enumerate(tokens.tolist()):
-        for i, (start, end) in enumerate(image_spans(row, IMG)):
+        for i, (start, end) in enumerate(media_spans(row, IMG)):
             dense[b, start:end, i] = tile_mask[b, i].float()
     mask, rows = _prepare_cross_attention_mask(dense, TOKENS_PER_TILE, torch.float32)
     with torch.no_grad():
@@ -99,9 +129,11 @@ def hf_logits(hf, tokens, tile_mask, n_images, vision):
 
 
 def our_logits(model, tokens, tile_mask, n_images, vision):
-    mask, rows = cross_attention_mask(tokens, IMG, n_images, tile_mask, TOKENS_PER_TILE)
+    """The layer loop fed projected vision tokens directly (keys/values computed once, as generation does)."""
     with torch.no_grad():
-        return model(tokens, cross_kv=model.cross_kv(vision), cross_mask=mask, rows=rows)
+        inputs = cross_attention_inputs(tokens.tolist(), IMG, n_images, tile_mask, TOKENS_PER_TILE,
+                                        kv=model.image_adapter.kv(vision))
+        return model.step(tokens, MediaState({"image_adapter": inputs})).logits
 
 
 def test_hf_compatible_rows_match_transformers_exactly():
@@ -139,7 +171,9 @@ def test_identity_at_zero_gates_and_text_only_bit_identical():
     torch.manual_seed(0)
     trunk = Llama(LlamaConfig.preset("debug", vocab_size=300))
     trunk.init_weights(std=0.3)
-    model = MMLlama.with_image_adapter(trunk, CrossAttentionConfig(n_layers=1)).eval()
+    config = MMConfig(trunk=trunk.config, vision=VisionConfig.preset("debug"),
+                      image_adapter=CrossAttentionConfig(n_layers=1))
+    model = MMLlama(config, trunk=trunk).eval()
     for p in model.image_adapter.parameters():  # random adapter weights, but the gates stay at zero
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.3)
@@ -155,29 +189,35 @@ def test_identity_at_zero_gates_and_text_only_bit_identical():
         assert not torch.equal(our_logits(model, tokens, tile_mask, n_images, vision), alone)
 
 
-def test_generation_with_images_batched_equals_alone_and_full_forward():
-    from mm_llama.generate import Generator, Sampling
-    from mm_llama.model import VisionInputs
-
-    hf = tiny_hf_text_model(seed=3)
-    model = ours_from_hf(hf, mask_attention_rows=True)
-    g = torch.Generator().manual_seed(4)
-    prompts = [[5, 6, IMG, 7, 8, 9], [IMG, 11, 12], [13, 14, 15, 16]]  # different lengths, 1, 1 and 0 images
-    vision = torch.randn(3, 1 * TILES * TOKENS_PER_TILE, 64, generator=g)
-    tile_mask = torch.tensor([[[1, 1, 0, 0]], [[1, 1, 1, 1]], [[0, 0, 0, 0]]], dtype=torch.bool)
-    inputs = VisionInputs(vision, tile_mask, [1, 1, 0], TOKENS_PER_TILE)
-    generator = Generator(model)
-    sampling = Sampling(max_new_tokens=12)
-    batched = generator.generate(prompts, sampling, vision=inputs)
-    for b, prompt in enumerate(prompts):
-        alone = VisionInputs(vision[b:b + 1], tile_mask[b:b + 1], [inputs.n_images[b]], TOKENS_PER_TILE)
-        assert generator.generate([prompt], sampling, vision=alone)[0] == batched[b]
-        # And each new token is the argmax of a full forward over the whole sequence so far.
-        sequence = list(prompt)
-        with torch.no_grad():
-            for _ in range(12):
-                tokens = torch.tensor([sequence])
-                cross = model.cross_inputs(tokens, alone)
-                sequence.append(model(tokens, **cross)[0, -1].argmax().item())
-        assert sequence[len(prompt):] == batched[b], b
-    assert len({tuple(t) for t in batched}) == 3
+def test_splice_places_embeddings_at_their_positions():
+    """Embeddings spliced into the token stream (the speech path): equal to the trunk fed the same embeddings by
+    hand, causal (positions before a span are untouched), and exactly at the given positions (a span placed one
+    position off changes the logits)."""
+    torch.manual_seed(0)
+    trunk = Llama(LlamaConfig.preset("debug", vocab_size=300))
+    trunk.init_weights(std=0.3)
+    model = MMLlama(MMConfig(trunk=trunk.config), trunk=trunk).eval()
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 300, (2, 12), generator=g)
+    a, b = torch.randn(3, 64, generator=g), torch.randn(2, 64, generator=g)
+    spans = EmbeddingSpans([a, b], samples=[0, 1], starts=[4, 7])
+    with torch.no_grad():
+        got = model(tokens, Media(embeddings=spans))
+        by_hand = trunk.embed(tokens)
+        by_hand[0, 4:7], by_hand[1, 7:9] = a, b
+        assert torch.equal(got, trunk(embeddings=by_hand))
+        plain = model(tokens)
+        assert torch.equal(got[0, :4], plain[0, :4]) and torch.equal(got[1, :7], plain[1, :7])  # causal
+        assert (got[0, 4] - plain[0, 4]).abs().max() > 1e-2 and (got[1, 7] - plain[1, 7]).abs().max() > 1e-2
+        shifted = model(tokens, Media(embeddings=EmbeddingSpans([a, b], samples=[0, 1], starts=[5, 7])))
+        assert (shifted[0, 4] - got[0, 4]).abs().max() > 1e-2
+        # Generation left-pads shorter rows: the spans move with their row.
+        state = model.prepare([[0, 0, *tokens[0, :10].tolist()], tokens[1].tolist()], Media(embeddings=spans),
+                              left_pad=[2, 0])
+        assert state.splice.cols.tolist() == [6, 7, 8, 7, 8] and state.splice.rows.tolist() == [0, 0, 0, 1, 1]
+    for bad, match in ((EmbeddingSpans([a], samples=[2], starts=[0]), "sample 2 is not in a batch of 2"),
+                       (EmbeddingSpans([a], samples=[0], starts=[10]), "outside its 12 tokens"),
+                       (EmbeddingSpans([a, b], samples=[0, 0], starts=[0, 2]), "overlaps"),
+                       (EmbeddingSpans([torch.randn(2, 8)], samples=[0], starts=[0]), "width 8")):
+        with pytest.raises(InputError, match=match):
+            model(tokens, Media(embeddings=bad))

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from encoders.image_transform import (
+    Images,
     ImageTransform,
     ImageTransformConfig,
     collate_images,
@@ -238,17 +239,24 @@ def test_collate_images():
     t = ImageTransform(ImageTransformConfig(tile_size=28))
     a, b, c = t(noise_image(28, 28)), t(noise_image(20, 50)), t(noise_image(50, 20))
     batch = collate_images([[a, b], [c]])
-    assert batch["pixel_values"].shape == (2, 2, 4, 3, 28, 28)
-    assert batch["aspect_ratio_ids"].tolist() == [[1, 2], [5, 0]]
-    assert batch["aspect_ratio_ids"].dtype == torch.long
-    assert batch["tile_mask"].tolist() == [[[True, False, False, False], [True, True, False, False]],
-                                           [[True, True, False, False], [False] * 4]]
-    assert batch["n_images"].tolist() == [2, 1]
-    assert torch.equal(batch["pixel_values"][0, 1], b.tiles)
-    assert batch["pixel_values"][1, 1].abs().max().item() == 0.0
+    assert batch.pixel_values.shape == (2, 2, 4, 3, 28, 28)
+    assert batch.aspect_ratio_ids.tolist() == [[1, 2], [5, 0]]
+    assert batch.aspect_ratio_ids.dtype == torch.long
+    assert batch.tile_mask.tolist() == [[[True, False, False, False], [True, True, False, False]],
+                                        [[True, True, False, False], [False] * 4]]
+    assert batch.n_images == [2, 1]
+    assert torch.equal(batch.pixel_values[0, 1], b.tiles)
+    assert batch.pixel_values[1, 1].abs().max().item() == 0.0
+    moved = batch.to("cpu", torch.float64)
+    assert moved.pixel_values.dtype == torch.float64 and moved.tile_mask is batch.tile_mask  # the mask stays put
     padded = collate_images([[a, b], [c]], max_images=3)
-    assert padded["pixel_values"].shape == (2, 3, 4, 3, 28, 28) and padded["aspect_ratio_ids"][:, 2].tolist() == [0, 0]
+    assert padded.pixel_values.shape == (2, 3, 4, 3, 28, 28) and padded.aspect_ratio_ids[:, 2].tolist() == [0, 0]
     with pytest.raises(InputError, match="sample 0 has 2 images, more than max_images=1"):
         collate_images([[a, b], [c]], max_images=1)
+    prepared = Images.prepare([[noise_image(28, 28), noise_image(20, 50)], [noise_image(50, 20)]], tile_size=28,
+                              max_tiles=4)
+    assert torch.equal(prepared.pixel_values, batch.pixel_values) and prepared.n_images == [2, 1]
+    with pytest.raises(InputError, match="sample 0 has 2 images, more than the 1 accepted"):
+        Images.prepare([[noise_image(28, 28)] * 2], tile_size=28, max_tiles=4, max_images=1)
     with pytest.raises(InputError, match="tile"):
         collate_images([[a], [ImageTransform(ImageTransformConfig(tile_size=56))(noise_image(5, 5))]])

@@ -31,18 +31,22 @@ def test_logits_match_transformers(tmp_path, case):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
-def test_hidden_states_match_transformers(hf_checkpoint):
+def test_taps_match_transformers_hidden_states(hf_checkpoint):
+    from mm_llama.errors import InputError
+    from mm_llama.model import MMLlama
+
     path, hf = hf_checkpoint
-    ours = load_llama(path, dtype=torch.float32)
+    ours = MMLlama.from_pretrained(path, dtype=torch.float32)  # the composed model owns the loop with taps
     tokens = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf(tokens, output_hidden_states=True).hidden_states
-        got = ours.hidden_states(tokens, layers=[0, 1])
+        got = ours.step(tokens, taps=[0, 1])
     # HF's list: [embeddings, after block 1, final norm applied to the last]; ours: after 0 and 1 blocks.
-    assert (got[0] - expected[0]).abs().max() == 0
-    assert (got[1] - expected[1]).abs().max() <= 1e-5
-    with pytest.raises(ValueError, match="outside 0..2"):
-        ours.hidden_states(tokens, layers=[3])
+    assert (got.taps[0] - expected[0]).abs().max() == 0
+    assert expected[1].abs().max() > 1.0 and (got.taps[1] - expected[1]).abs().max() <= 1e-5
+    assert torch.equal(got.logits, ours(tokens))  # the same pass, whatever is tapped
+    with pytest.raises(InputError, match="0..2"):
+        ours.step(tokens, taps=[3])
 
 
 def test_embeddings_input_equals_token_input():

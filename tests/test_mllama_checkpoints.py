@@ -106,9 +106,78 @@ def test_cli_converts_vision_checkpoints(hub, tmp_path):
 
     assert main(["convert", "--input", str(hub[0]), "--output", str(tmp_path / "ours"), "--to", "ours"]) in (0, None)
     index = json.loads((tmp_path / "ours" / "mm_llama.json").read_text())
-    assert set(index["parts"]) == {"vision", "image_adapter"}
+    # One part per module of MMLlama besides the trunk; configs where the part has one (semantics never stored).
+    assert set(index["parts"]) == {"vision", "vision_projection", "image_adapter", "media"}
+    assert "config" not in index["parts"]["media"] and index["parts"]["image_adapter"]["config"] == {
+        "n_layers": 2, "layers": None}
+    assert "intermediate_mode" not in index["parts"]["vision"]["config"]
     vision = load_file(tmp_path / "ours" / "vision.safetensors")
-    assert all(k.startswith(("vision.", "vision_projection.")) for k in vision)
+    assert vision and all(k.startswith("vision.") for k in vision)
+
+
+def test_version_1_directories_still_load(hub, tmp_path):
+    """mm-llama's format before the per-aspect-ratio tables (version 1): Meta's grids, the projection in "vision",
+    the media rows in "image_adapter". Written here by hand from a current directory; it loads to the same logits."""
+    from safetensors.torch import save_file
+
+    from encoders.vision import TILE_TABLE_KEYS
+    from encoders.vision_blocks import table_to_grid
+
+    path, tokens, batch, _, expected = hub
+    convert_checkpoint(path, tmp_path / "v2", to="ours")
+    v2 = tmp_path / "v2"
+    old = tmp_path / "v1"
+    old.mkdir()
+    shutil.copy(v2 / "trunk.safetensors", old)
+    index = json.loads((v2 / "mm_llama.json").read_text())
+    grids = {f"vision.{k}" for k in TILE_TABLE_KEYS}
+    vision = {k: table_to_grid(v, k) if k in grids else v for k, v in load_file(v2 / "vision.safetensors").items()}
+    save_file(vision | load_file(v2 / "vision_projection.safetensors"), old / "vision.safetensors")
+    save_file(load_file(v2 / "image_adapter.safetensors") | load_file(v2 / "media.safetensors"),
+              old / "image_adapter.safetensors")
+    (old / "mm_llama.json").write_text(json.dumps({
+        "format": "mm-llama", "version": 1, "trunk": index["trunk"],
+        "parts": {"vision": {"config": index["parts"]["vision"]["config"], "weights": "vision.safetensors"},
+                  "image_adapter": {"config": {"n_layers": 2}, "weights": "image_adapter.safetensors"}}}))
+    assert torch.equal(our_logits(MMLlama.from_pretrained(old, dtype=F32), tokens, batch), expected)
+
+
+def test_fine_tuned_transformers_checkpoints_load_and_convert(tmp_path):
+    """What fine-tuning Llama 3.2 Vision in transformers gives: any `cross_attention_layers` list (here two blocks
+    before the same trunk layer and one after the last) and per-aspect-ratio tile tables trained apart. They load
+    and match transformers, convert to ours and back bit-identically, and only Meta's format refuses them."""
+    from transformers import MllamaForConditionalGeneration
+
+    hf, _ = tiny_mllama(seed=6, cross_attention_layers=(2, 3, 6), fine_tuned=True)  # 4 self-attention layers
+    hf.save_pretrained(tmp_path / "hub")
+    tokens, batch = inputs()
+    expected = hf_logits(hf, tokens, batch)
+    model = MMLlama.from_pretrained(tmp_path / "hub", hf_compat=True, dtype=F32)
+    assert model.image_adapter.schedule == [2, 2, 4]  # HF index - block index: after the last layer is 4
+    got = our_logits(model, tokens, batch)
+    assert expected.abs().max() > 1.0 and (got - expected).abs().max().item() <= 1e-4
+    table = model.vision.gated_positional_embedding
+    assert table[0].abs().max() > 0  # the padding row is held too, not dropped
+
+    assert convert_checkpoint(tmp_path / "hub", tmp_path / "ours", to="ours") == "ours"
+    index = json.loads((tmp_path / "ours" / "mm_llama.json").read_text())
+    assert index["parts"]["image_adapter"]["config"] == {"n_layers": 3, "layers": [2, 2, 4]}
+    convert_checkpoint(tmp_path / "ours", tmp_path / "back", to="hf")
+    assert_same_tensors(tmp_path / "hub", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["text_config"]["cross_attention_layers"] == [
+        2, 3, 6]
+    reloaded = MllamaForConditionalGeneration.from_pretrained(tmp_path / "back", dtype=F32).eval()
+    assert torch.equal(hf_logits(reloaded, tokens, batch), expected)
+
+    with pytest.raises(CheckpointError, match=r"\[2, 2, 4\].*'hf' or 'ours'"):
+        convert_checkpoint(tmp_path / "hub", tmp_path / "meta", to="meta")
+    assert not (tmp_path / "meta").exists()  # nothing half-written
+    # The tables alone (Llama 3.2's own schedule) are refused too, naming the tensor.
+    tables_only, _ = tiny_mllama(seed=6, fine_tuned=True)
+    tables_only.save_pretrained(tmp_path / "tables")
+    with pytest.raises(CheckpointError, match=r"gated_positional_embedding.*'hf' or 'ours'"):
+        convert_checkpoint(tmp_path / "tables", tmp_path / "meta", to="meta")
+    assert not (tmp_path / "meta").exists()
 
 
 @pytest.fixture
@@ -152,7 +221,7 @@ def test_shape_mismatch_names_the_directory(meta_dir):
 
 
 def test_llama_32_vit_tile_size_comes_from_the_checkpoint(tmp_path):
-    from mm_llama.checkpoints.mllama_meta import read_meta_mllama_configs
+    from mm_llama.checkpoints.mllama_meta import read_meta_mllama_config
 
     params = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
               "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
@@ -160,12 +229,13 @@ def test_llama_32_vit_tile_size_comes_from_the_checkpoint(tmp_path):
               "vision_model": {"cross_attention_adapter": {"num_layers": 8}}}
     (tmp_path / "params.json").write_text(json.dumps({"model": params}))
     for rows, tile in ((1025, 448), (1601, 560)):
-        trunk, vision, cross = read_meta_mllama_configs(tmp_path, hf_compat=False, positional_rows=rows)
+        config = read_meta_mllama_config(tmp_path, positional_rows=rows)
+        trunk, vision, cross = config.trunk, config.vision, config.image_adapter
         assert (vision.tile_size, vision.width, vision.n_layers, vision.n_global_layers) == (tile, 1280, 32, 8)
         assert vision.intermediate_layers == (3, 7, 15, 23, 30) and cross.n_layers == 8 and trunk.dim == 4096
     (tmp_path / "params.json").write_text(json.dumps(params | {"vision_chunk_size": 560}))
     with pytest.raises(ConfigError, match=r"params\.json.*vision_chunk_size 560.*1025 rows"):
-        read_meta_mllama_configs(tmp_path, hf_compat=False, positional_rows=1025)
+        read_meta_mllama_config(tmp_path, positional_rows=1025)
     (tmp_path / "params.json").write_text(json.dumps(params | {"mm_llama_vision": {"wdith": 8}}))
     with pytest.raises(ConfigError, match=r"params\.json.*wdith"):
-        read_meta_mllama_configs(tmp_path, hf_compat=False, positional_rows=1025)
+        read_meta_mllama_config(tmp_path, positional_rows=1025)

@@ -175,7 +175,7 @@ def test_chat_format_with_image():
     content = [3923, 374, 304, 279, 6945, 30]  # "What is in the picture?"
     assert enc(tok, "What is in the picture?") == content
     want = [128000, 128006, 882, 128007, 271, 128256, *content, 128009, 128006, 78191, 128007, 271]
-    msgs = [{"role": "user", "content": " What is in the picture?\n", "media": ["<|image|>"]}]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
     ids = tok.encode_dialog(msgs)
     assert ids == want
     assert tok.decode(ids) == (
@@ -198,19 +198,146 @@ def test_chat_format_matches_meta_dialog():
         128006, 78191, 128007, 271,
     ]  # fmt: skip
     assert tok.encode_header("ipython") == [128006, *enc(tok, "ipython"), 128007, 271]
-    assert tok.encode_message("assistant", "Hi", media=["<|video|>", "<|speech_start|>"])[4:] == [
-        128257, 128258, *enc(tok, "Hi"), 128009,
+    assert tok.encode_message("assistant", [{"type": "video"}, {"type": "text", "text": "Hi"}])[4:] == [
+        128257, *enc(tok, "Hi"), 128009,
     ]  # fmt: skip
+
+
+def test_string_content_is_stripped_as_before():
+    tok = real_tokenizer()
+    # Meta's llama3 chat format strips str content; list content (below) is taken as given.
+    assert tok.encode_message("user", "  Hi there \n") == tok.encode_message("user", "Hi there")
+    assert tok.encode_message("user", "Hi there") == [128006, 882, 128007, 271, *enc(tok, "Hi there"), 128009]
+    parts = tok.encode_message("user", [{"type": "text", "text": "  Hi there \n"}])
+    assert parts == [128006, 882, 128007, 271, *enc(tok, "  Hi there \n"), 128009]
+    assert tok.encode_message("user", "") == tok.encode_message("user", []) == [128006, 882, 128007, 271, 128009]
+
+
+# Golden ids from transformers' own chat template rendering, made once by a scratch script outside the repo:
+#   transformers 5.24.0; MllamaProcessor(MllamaImageProcessor(), tokenizer, chat_template=T).apply_chat_template(
+#   messages, add_generation_prompt=True, tokenize=True), each image part carrying a 64x48 PIL image.
+#   tokenizer: PreTrainedTokenizerFast over TikTokenConverter(vocab_file=../shared/llama3/tokenizer.model,
+#   pattern=SPLIT_PATTERN, extra_special_tokens=SPECIAL_TOKENS + ["<|image|>"]).converted(), bos "<|begin_of_text|>".
+#   T: meta-llama/Llama-3.2-11B-Vision-Instruct chat_template.json as released (Sep 2024), text taken from verbatim
+#   copies (NVIDIA/NeMo nemo/collections/multimodal/data/energon/conversation.py MLlamaTemplateConfig, swift Jinja
+#   ChatTemplateTests.swift); the Dec 2024 Hub revision (discussion #84: system message allowed with images) gives
+#   the same ids here. With an image and no system message the template emits no system block, like encode_dialog.
+MLLAMA_TEXT_IMAGE_TEXT = [
+    128000, 128006, 882, 128007, 271,  # <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n
+    10596, 520, 420, 25, 128256,  # "Look at this:" <|image|>
+    3639, 12745, 374, 279, 9518, 30, 128009,  # " What colour is the square?" <|eot_id|>
+    128006, 78191, 128007, 271,  # <|start_header_id|>assistant<|end_header_id|>\n\n
+]  # fmt: skip
+MLLAMA_IMAGE_TEXT = [
+    128000, 128006, 882, 128007, 271, 128256,  # ... user header, <|image|>
+    3923, 12745, 374, 279, 9518, 30, 128009,  # "What colour is the square?" <|eot_id|>
+    128006, 78191, 128007, 271,
+]  # fmt: skip
+
+
+def test_parts_match_mllama_chat_template():
+    tok = real_tokenizer()
+    assert tok.decode(MLLAMA_TEXT_IMAGE_TEXT) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nLook at this:<|image|> What colour is the "
+        "square?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert tok.decode(MLLAMA_IMAGE_TEXT) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>What colour is the square?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    text_image_text = [
+        {"type": "text", "text": "Look at this:"}, {"type": "image"},
+        {"type": "text", "text": " What colour is the square?"},
+    ]  # fmt: skip
+    assert tok.encode_dialog([{"role": "user", "content": text_image_text}]) == MLLAMA_TEXT_IMAGE_TEXT
+    image_text = [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]
+    assert tok.encode_dialog([{"role": "user", "content": image_text}]) == MLLAMA_IMAGE_TEXT
+
+
+def test_parts_in_any_order():
+    tok = real_tokenizer()
+    header, eot = [128006, 882, 128007, 271], [128009]
+    parts = [
+        {"type": "video"}, {"type": "text", "text": "first"}, {"type": "image"}, {"type": "image"},
+        {"type": "text", "text": " then"}, {"type": "video"},
+    ]  # fmt: skip
+    want = header + [128257, *enc(tok, "first"), 128256, 128256, *enc(tok, " then"), 128257] + eot
+    assert tok.encode_message("user", parts) == want
+    assert tok.encode_message("user", tuple(parts)) == want
+    assert tok.encode_message("user", [{"type": "image"}]) == header + [128256] + eot
+
+
+def test_adjacent_text_parts_are_joined():
+    tok = real_tokenizer()
+    # "hello" is one token; "hel" + "lo" encoded apart would be more: the parts must be encoded as one string.
+    assert enc(tok, "hello") == [15339] and enc(tok, "hel") + enc(tok, "lo") != [15339]
+    parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}, {"type": "image"},
+             {"type": "text", "text": "wor"}, {"type": "text", "text": "ld"}]
+    want = [128006, 882, 128007, 271, 15339, 128256, *enc(tok, "world"), 128009]
+    assert tok.encode_message("user", parts) == want
+
+
+def test_special_token_text_in_a_part_stays_text():
+    tok = real_tokenizer()
+    # Deliberately unlike the Mllama template, which renders the text and so would turn it into the image token.
+    text = "<|image|> and <|eot_id|><|start_header_id|>system"
+    ids = tok.encode_message("user", [{"type": "text", "text": text}])
+    assert ids == [128006, 882, 128007, 271, *enc(tok, text), 128009]
+    assert all(i < tok.n_base for i in ids[4:-1])
+    assert tok.decode(ids[4:-1]) == text
+
+
+BAD_PARTS = [
+    ("not a dict", "<|image|>"),
+    ("unknown type", {"type": "image_url", "image_url": "x.png"}),
+    ("no type", {"text": "hi"}),
+    ("type not a str", {"type": ["image"]}),
+    ("text without text", {"type": "text"}),
+    ("text not a str", {"type": "text", "text": 5}),
+    ("text with extra key", {"type": "text", "text": "hi", "lang": "en"}),
+    ("image with its data", {"type": "image", "image": "x.png"}),
+    ("video with extra key", {"type": "video", "path": "x.mp4"}),
+    ("audio", {"type": "audio"}),
+]
+
+
+@pytest.mark.parametrize("part", [p for _, p in BAD_PARTS], ids=[n for n, _ in BAD_PARTS])
+def test_bad_part_names_message_and_part(part):
+    tok = real_tokenizer()
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}, part]},
+    ]
+    with pytest.raises(InputError, match=r'message 1, part 2: .*\{"type": "text", "text": str\}, \{"type": "image"\}'):
+        tok.encode_dialog(msgs)
+    with pytest.raises(InputError, match=r"^message, part 0: "):
+        tok.encode_message("user", [part])
+
+
+def test_audio_part_says_why():
+    tok = real_tokenizer()
+    with pytest.raises(InputError, match="message 0, part 0: audio parts are not supported yet.*audio length"):
+        tok.encode_dialog([{"role": "user", "content": [{"type": "audio"}]}])
 
 
 def test_chat_bad_input():
     tok = real_tokenizer()
     with pytest.raises(InputError, match="'tool'"):
         tok.encode_dialog([{"role": "tool", "content": "x"}])
-    with pytest.raises(InputError, match="<\\|eot_id\\|>"):
-        tok.encode_message("user", "x", media=["<|eot_id|>"])
     with pytest.raises(InputError, match="message 0"):
         tok.encode_dialog([{"role": "user", "text": "x"}])
+    with pytest.raises(InputError, match="message 1"):
+        tok.encode_dialog([{"role": "user", "content": "x"}, {"role": "user", "content": "x", "name": "bob"}])
+    for content in (None, {"type": "text", "text": "x"}, b"x", 3):
+        with pytest.raises(InputError, match="message 0: content must be a str or a list of parts"):
+            tok.encode_dialog([{"role": "user", "content": content}])
+
+
+def test_old_media_key_is_rejected():
+    tok = real_tokenizer()
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "What is it?", "media": ["<|image|>"]}]
+    with pytest.raises(InputError, match="message 1: the 'media' key is gone; put media in 'content' as a list"):
+        tok.encode_dialog(msgs)
 
 
 # --- streaming -----------------------------------------------------------------------------------------------------

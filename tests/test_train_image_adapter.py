@@ -77,7 +77,9 @@ def test_labels_cover_exactly_the_answer(shapes):
     source = ImageTextBatches(data_config(shapes, task="qa"))
     tok = source.tokenizer
     batch = next(source.batches())
-    assert batch["pixel_values"].shape == (8, 1, 4, 3, 28, 28) and batch["aspect_ratio_ids"].shape == (8, 1)
+    images = batch["images"]
+    assert images.pixel_values.shape == (8, 1, 4, 3, 28, 28) and images.aspect_ratio_ids.shape == (8, 1)
+    assert images.n_images == [1] * 8 and images.tile_mask.shape == (8, 1, 4)
     for tokens, mask, labels in zip(batch["tokens"], batch["mask"], batch["labels"], strict=True):
         assert (tokens == tok.image_id).sum() == 1 and not (labels == tok.image_id).any()
         assert (tokens[~mask] == tok.pad_id).all() and (labels[~mask] == -100).all()
@@ -98,8 +100,10 @@ def test_batches_are_deterministic_and_resume(shapes):
     again = ImageTextBatches(data_config(shapes)).batches(start=4)
     for expected in first[4:]:
         got = next(again)
-        for key in ("pixel_values", "aspect_ratio_ids", "tokens", "mask", "labels"):
+        for key in ("tokens", "mask", "labels"):
             assert torch.equal(got[key], expected[key]), key
+        for key in ("pixel_values", "aspect_ratio_ids", "tile_mask"):
+            assert torch.equal(getattr(got["images"], key), getattr(expected["images"], key)), key
     tok = source.tokenizer
     prompts = {tok.decode(b["tokens"][i].tolist()).count(CAPTION_PROMPT) for b in first for i in range(8)}
     assert prompts == {0, 1}  # mixed: both questions and captions
@@ -120,6 +124,13 @@ def test_an_undecodable_image_is_skipped_and_counted(shapes, tmp_path):
     assert sum(b["samples"] for b in batches) == 49 and sum(b["skipped"] for b in batches) == 1
 
 
+def _first_png(shards: Path):
+    from PIL import Image
+
+    with tarfile.open(shards / "image-000000.tar") as tar:
+        return Image.open(io.BytesIO(tar.extractfile("000000000.png").read())).convert("RGB")
+
+
 def first_and_last(losses: dict[int, float]) -> tuple[float, float]:
     return sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(21, 26)) / 5
 
@@ -134,19 +145,22 @@ def test_a_trunk_checkpoint_is_stored_by_reference(shapes, lm_trunk, tmp_path):
 
 
 def test_stage_checkpoint_is_a_model_from_pretrained_loads(shapes, lm_trunk, tmp_path):
+    from mm_llama.media import Media
     from mm_llama.model import MMLlama
 
     stage = stage_for(shapes, tmp_path / "run", trunk=lm_trunk, steps=2)
     result = train(stage, stage.config.train)
-    model = MMLlama.from_pretrained(latest_checkpoint(tmp_path / "run"), dtype=torch.float32)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    model = MMLlama.from_pretrained(ckpt, dtype=torch.float32)
     batch = next(ImageTextBatches(data_config(shapes)).batches())
     with torch.no_grad():
-        logits = []
-        for m in (result.model.eval(), model):
-            vision = m.encode_images(batch["pixel_values"], batch["aspect_ratio_ids"], [1] * len(batch["tokens"]))
-            logits.append(m(batch["tokens"], **m.cross_inputs(batch["tokens"], vision)))
+        logits = [m(batch["tokens"], Media(images=batch["images"])) for m in (result.model.eval(), model)]
     assert torch.equal(logits[0], logits[1])
-    assert model.tokenizer is not None and model.tokenizer.n_words == 512
+    index = json.loads((ckpt / "mm_llama.json").read_text())
+    assert set(index["parts"]) == {"vision", "vision_projection", "image_adapter", "media"}
+    # It answers questions with the tokenizer stored beside it (no tokenizer lives on the model).
+    answer = model.ask("How many shapes are there?", image=_first_png(shapes), max_new_tokens=4)
+    assert isinstance(answer, str) and not hasattr(model, "tokenizer")
 
 
 def test_loss_falls_and_frozen_parts_stay_bit_identical(shapes, tmp_path):
@@ -189,10 +203,11 @@ def test_frozen_vision_stays_bit_identical(shapes, tmp_path):
     assert not any(k.startswith("vision.") for k in stage.load(ckpt))  # only trainable weights come back
     from mm_llama.checkpoints.ours import read_index, read_safetensors
 
-    vision = read_safetensors(ckpt / read_index(ckpt)["parts"]["vision"]["weights"])  # MMLlama's full names
-    frozen_vision = {k: v for k, v in vision.items() if k.startswith("vision.")}
-    assert frozen_vision and all(torch.equal(v, initial[k]) for k, v in frozen_vision.items())
-    assert "vision_projection.weight" in vision  # trained, and stored in the same part as save_mmllama does
+    parts = read_index(ckpt)["parts"]
+    vision = read_safetensors(ckpt / parts["vision"]["weights"])  # MMLlama's full names
+    assert vision and all(torch.equal(v, initial[k]) for k, v in vision.items())  # stored, frozen
+    # The projection trains, in a part of its own, as save_mmllama writes it.
+    assert "vision_projection.weight" in read_safetensors(ckpt / parts["vision_projection"]["weights"])
 
 
 def test_resume_through_the_loop_gives_the_same_losses(shapes, tmp_path):

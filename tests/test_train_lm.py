@@ -58,10 +58,12 @@ def test_loss_falls_and_the_trunk_loads_and_generates(corpus, tmp_path):
     tokens = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         assert torch.equal(trunk(tokens), result.model(tokens))
+    from mm_llama.model import MMLlama
     from mm_llama.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(latest_checkpoint(tmp_path / "run") / "tokenizer.model")
-    out = generate(trunk, [tok.encode("The red circle", bos=True, eos=False)], Sampling(max_new_tokens=30))[0]
+    model = MMLlama.from_pretrained(latest_checkpoint(tmp_path / "run"), dtype=torch.float32)  # the composed view
+    out = generate(model, [tok.encode("The red circle", bos=True, eos=False)], Sampling(max_new_tokens=30))[0]
     assert all(32 <= t < 127 or t in (10, tok.eos_id) for t in out), tok.decode(out)
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert len(log) == 6 and '"samples_skipped": 0' in log[-1] and '"tokens_per_s"' in log[-1]

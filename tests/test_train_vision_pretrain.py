@@ -52,7 +52,7 @@ def stage_for(shapes, run, **train) -> VisionPretrainStage:
 def retrieval(model, batch) -> float:
     """Top-1 accuracy of image → caption over the batch."""
     with torch.no_grad():
-        image, text, _ = model(batch["pixel_values"], batch["aspect_ratio_ids"], batch["text"])
+        image, text, _ = model(batch["images"].pixel_values, batch["images"].aspect_ratio_ids, batch["text"])
     return ((image @ text.T).argmax(dim=1) == torch.arange(len(image))).float().mean().item()
 
 
@@ -70,12 +70,14 @@ def trained(shapes, tmp_path_factory):
 def test_caption_batches_are_deterministic_and_resume(shapes):
     stream = ImageCaptionBatches(data_config(shapes)).batches()
     first = [next(stream) for _ in range(6)]
-    assert first[0]["pixel_values"].shape == (16, 1, 1, 3, 56, 56) and first[0]["aspect_ratio_ids"].shape == (16, 1)
+    images = first[0]["images"]
+    assert images.pixel_values.shape == (16, 1, 1, 3, 56, 56) and images.aspect_ratio_ids.shape == (16, 1)
     assert len(first[0]["captions"]) == 16 and all(c.startswith("There is a ") for c in first[0]["captions"])
     again = ImageCaptionBatches(data_config(shapes)).batches(start=4)
     for expected in first[4:]:
         got = next(again)
-        assert torch.equal(got["pixel_values"], expected["pixel_values"]) and got["captions"] == expected["captions"]
+        assert torch.equal(got["images"].pixel_values, expected["images"].pixel_values)
+        assert got["captions"] == expected["captions"]
     with pytest.raises(ConfigError, match="data.task"):
         ImageCaptionBatches(data_config(shapes, task="mixed"))
 
@@ -119,8 +121,8 @@ def test_vision_part_loads_into_a_fresh_encoder(trained):
     encoder = VisionEncoder(stage.config.vision.from_dict(vision_config))
     encoder.load_state_dict({k.removeprefix("vision."): v for k, v in vision_state.items()}, strict=True)
     with torch.no_grad():
-        expected = result.model.vision(batch["pixel_values"], batch["aspect_ratio_ids"])
-        assert torch.equal(encoder.eval()(batch["pixel_values"], batch["aspect_ratio_ids"]), expected)
+        expected = result.model.vision(batch["images"].pixel_values, batch["images"].aspect_ratio_ids)
+        assert torch.equal(encoder.eval()(batch["images"].pixel_values, batch["images"].aspect_ratio_ids), expected)
     # stage.load gives back every trainable tensor by name
     assert sorted(stage.load(ckpt)) == sorted(n for n, p in result.model.named_parameters() if p.requires_grad)
 
@@ -132,7 +134,7 @@ def test_logit_scale_is_learnt_and_clamped(trained):
         math.log(1 / 0.07))
     with torch.no_grad():
         initial.clip.logit_scale.fill_(math.log(1000))
-        _, _, scale = initial(batch["pixel_values"], batch["aspect_ratio_ids"], batch["text"])
+        _, _, scale = initial(batch["images"].pixel_values, batch["images"].aspect_ratio_ids, batch["text"])
     assert scale.item() == pytest.approx(100) and MAX_LOGIT_SCALE == pytest.approx(math.log(100))
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from encoders.vision import VISION_PRESETS, VisionConfig, VisionEncoder, tile_mask_from_ids
+from encoders.vision import TILE_TABLE_KEYS, VISION_PRESETS, VisionConfig, VisionEncoder, tile_mask_from_ids
+from encoders.vision_blocks import grid_to_table, table_to_grid
 from encoders.vision_hf import vision_config_from_hf, vision_state_from_hf, vision_state_to_hf
 from mm_llama.errors import CheckpointError, ConfigError, InputError
 
 # (B=2, I=2): sample 0 = a 4-tile (2, 2) image and a 1-tile image; sample 1 = a (1, 2) image and a padding image.
 ASPECT_IDS = torch.tensor([[6, 1], [2, 0]])
-GRID_KEYS = ("gated_positional_embedding", "pre_tile_pos_embed.embedding", "post_tile_pos_embed.embedding")
 
 
-def hf_vision_model(intermediate_layers=(1, 3), seed: int = 0):
-    """A tiny random `MllamaVisionModel` with unit-scale weights, non-zero gates and consistent tile tables."""
+def hf_vision_model(intermediate_layers=(1, 3), seed: int = 0, fine_tuned: bool = False):
+    """A tiny random `MllamaVisionModel` with unit-scale weights and non-zero gates. Its tile tables are those of
+    random Meta grids (as in the released checkpoints), or with `fine_tuned` independent random values in every row
+    and slot, row 0 included (what fine-tuning in transformers can make)."""
     from transformers.models.mllama.configuration_mllama import MllamaVisionConfig
     from transformers.models.mllama.modeling_mllama import MllamaVisionModel
 
@@ -33,12 +35,12 @@ def hf_vision_model(intermediate_layers=(1, 3), seed: int = 0):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
-        # HF's tables are more general than Meta's grids; real checkpoints are precomputed from a grid, so make ours.
-        config = vision_config_from_hf(hf_config.to_dict())
-        grids = {k: 0.2 * torch.randn(v.shape, generator=g)
-                 for k, v in VisionEncoder(config).state_dict().items() if k in GRID_KEYS}
-        for k, v in vision_state_to_hf(grids, config).items():
-            model.get_parameter(k).copy_(v)
+        if not fine_tuned:  # released checkpoints were precomputed from Meta's grids
+            config = vision_config_from_hf(hf_config.to_dict())
+            tables = {k: grid_to_table(0.2 * torch.randn(4, 4, *v.shape[2:], generator=g))
+                      for k, v in VisionEncoder(config).state_dict().items() if k in TILE_TABLE_KEYS}
+            for k, v in vision_state_to_hf(tables, config).items():
+                model.get_parameter(k).copy_(v)
     return model, hf_config
 
 
@@ -125,8 +127,58 @@ def test_real_tiles_see_empty_tile_slots_like_hf():
     assert (dirty - hf_dirty)[real].abs().max() < 1e-5
 
 
+def test_fine_tuned_hf_tables_load_and_match_hf():
+    # Tables with independent values in every row and slot: no Meta grid holds them, our tables do. In HF semantics
+    # (tile 0 of a padding image counts as real) row 0 reaches the padding image's output and the empty-slot entries
+    # reach the real tiles through attention, so the whole table is compared, for 4-, 1- and 2-tile images and a
+    # padding image.
+    model, hf_config = hf_vision_model(fine_tuned=True)
+    encoder = ours_from_hf(model, hf_config, intermediate_mode="output")
+    for key in TILE_TABLE_KEYS:  # the tables really are not a grid's
+        with pytest.raises(CheckpointError):
+            table_to_grid(encoder.get_parameter(key).detach(), key)
+    pixels, real = inputs()
+    hf_real = real.clone()
+    hf_real[..., 0] = True  # HF marks tile 0 of every image slot, padding images included
+    with torch.no_grad():
+        expected = model(pixels, ASPECT_IDS, hf_real.long()).last_hidden_state
+        ours = encoder(pixels, ASPECT_IDS, hf_real)
+        assert expected[hf_real].abs().max() > 1.0
+        assert (ours - expected)[hf_real].abs().max() < 1e-5
+        for key in TILE_TABLE_KEYS:  # row 0 is not dead weight: it moves the padding image's tile 0
+            encoder.get_parameter(key)[0] = 0
+        moved = (encoder(pixels, ASPECT_IDS, hf_real) - ours)[1, 1, 0].abs().max()
+    assert moved > 1e-3
+
+
+def test_grid_table_round_trip_and_refusal():
+    grid = torch.randn(4, 4, 5, 8, generator=torch.Generator().manual_seed(0))
+    table = grid_to_table(grid)
+    assert table.shape == (9, 4, 5, 8)
+    assert not table[0].any() and not table[1, 1:].any() and torch.equal(table[6], grid[:2, :2].reshape(4, 5, 8))
+    back = table_to_grid(table, "gated_positional_embedding")
+    used = torch.zeros(4, 4, dtype=torch.bool)  # grid entries some aspect ratio reads: (i, j) with (i+1)(j+1) <= 4
+    for i in range(4):
+        used[i, : 4 // (i + 1)] = True
+    assert torch.equal(back[used], grid[used])
+    assert not back[~used].any()  # unused entries come back as zeros
+
+    fresh = VisionEncoder(VisionConfig.preset("debug")).state_dict()  # a fresh encoder is grid-consistent
+    for key in TILE_TABLE_KEYS:
+        assert torch.equal(grid_to_table(table_to_grid(fresh[key], key)), fresh[key])
+
+    independent = torch.randn(9, 4, 1, 8, generator=torch.Generator().manual_seed(1))
+    padding_row, empty_slot = table.clone(), table.clone()
+    padding_row[0, 0, 0, 0] = 1.0
+    empty_slot[1, 3, 0, 0] = 1.0  # slot 3 of a 1-tile image
+    for bad in (independent, padding_row, empty_slot):
+        with pytest.raises(CheckpointError, match=r"pre_tile_pos_embed\.embedding.*'hf' or 'ours'"):
+            table_to_grid(bad, "pre_tile_pos_embed.embedding")
+
+
 def test_hf_conversion_round_trips():
-    model, hf_config = hf_vision_model()
+    # Plain reshapes both ways: exact for any table, fine-tuned HF tables and our fresh ones alike.
+    model, hf_config = hf_vision_model(fine_tuned=True)
     config = vision_config_from_hf(hf_config.to_dict())
     hf_state = model.state_dict()
     back = vision_state_to_hf(vision_state_from_hf(hf_state, config), config)
@@ -136,21 +188,13 @@ def test_hf_conversion_round_trips():
     ours = VisionEncoder(config).state_dict()
     again = vision_state_from_hf(vision_state_to_hf(ours, config), config)
     assert again.keys() == ours.keys()
-    assert all(torch.equal(again[k], ours[k]) for k in ours if k not in GRID_KEYS)
-    used = torch.zeros(4, 4, dtype=torch.bool)  # grid entries some aspect ratio uses: (i, j) with (i+1)(j+1) <= 4
-    for i in range(4):
-        used[i, : 4 // (i + 1)] = True
-    for k in GRID_KEYS:
-        assert torch.equal(again[k][used], ours[k][used])
-        assert not again[k][~used].any()  # unused entries come back as zeros
+    assert all(torch.equal(again[k], ours[k]) for k in ours)
 
-    bad = dict(hf_state)
-    bad["pre_tile_positional_embedding.embedding.weight"] = torch.randn_like(bad[
-        "pre_tile_positional_embedding.embedding.weight"])
-    with pytest.raises(CheckpointError, match="pre_tile_positional_embedding"):
-        vision_state_from_hf(bad, config)
     with pytest.raises(CheckpointError, match="unknown HF vision key"):
         vision_state_from_hf({**hf_state, "extra.weight": torch.zeros(1)}, config)
+    with pytest.raises(CheckpointError, match="pre_tile_positional_embedding"):
+        vision_state_from_hf({**hf_state, "pre_tile_positional_embedding.embedding.weight": torch.zeros(9, 100)},
+                             config)
 
 
 def test_from_open_clip_matches_open_clip():
@@ -163,6 +207,10 @@ def test_from_open_clip_matches_open_clip():
     torch.manual_seed(0)
     visual = open_clip.create_model("ViT-B-16", pretrained=None).visual.eval()
     assert encoder.config.attn_bias and encoder.config.tile_size == 224 and encoder.config.pad_to_multiple == 0
+    # The gated table is the local embedding in every used tile of the grid: row 0 (padding image) zeros.
+    pos = visual.positional_embedding
+    assert torch.equal(encoder.gated_positional_embedding, grid_to_table(pos.expand(1, 1, *pos.shape)))
+    assert not encoder.gated_positional_embedding[0].any()
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         feats = encoder(image[:, None, None], torch.ones(1, 1, dtype=torch.long))[:, 0, 0]  # (1, 197, 768 * 3)

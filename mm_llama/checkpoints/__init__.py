@@ -1,180 +1,28 @@
-"""Reading and writing Llama 3 trunk checkpoints: Meta's format (`meta.py`), Hugging Face's (`hf.py`) and ours
-(`ours.py`: what the training stages write). Llama 3.2 Vision (`MMLlama`) checkpoints in all three formats:
-`mllama.py` (`save_mmllama`, `convert_mmllama`; `convert_checkpoint` dispatches to it), `mllama_meta.py`.
+"""Reading and writing checkpoints. Llama 3 trunks (`Llama`): Meta's format (`meta.py`), Hugging Face's (`hf.py`) and
+ours (`ours.py`: what the training stages write). Composed models (`MMLlama`, text-only or with parts) in all three
+formats: `composed.py` (`load_mmllama`, `save_mmllama`, `convert_checkpoint`), with Llama 3.2 Vision's Meta and HF
+layouts in `mllama_meta.py` and `mllama_hf.py`.
 
 Every loader builds the model on the meta device and fills it with `load_state_dict(strict=True, assign=True)` from
 memory-mapped tensors, so nothing is copied twice and a missing or extra tensor is an error naming the file.
 """
 
-from __future__ import annotations
+from mm_llama.checkpoints.composed import convert_checkpoint, load_mmllama, read_composed, save_mmllama
+from mm_llama.checkpoints.hf import meta_to_hf_state, permute_rope, unpermute_rope, write_hf
+from mm_llama.checkpoints.meta import merge_meta_shards, split_meta_shards
+from mm_llama.checkpoints.trunk import (
+    atomic_directory,
+    check_state_dict,
+    check_tokenizer_vocab,
+    detect_format,
+    load_llama,
+    read_checkpoint,
+    save_llama,
+    tokenizer_candidates,
+    write_trunk,
+)
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
-import torch
-
-from mm_llama.checkpoints.hf import HF_CONFIG, meta_to_hf_state, permute_rope, read_hf, unpermute_rope, write_hf
-from mm_llama.checkpoints.meta import META_PARAMS, merge_meta_shards, read_meta, split_meta_shards, write_meta
-from mm_llama.checkpoints.ours import OURS_INDEX, read_ours_trunk, write_ours
-from mm_llama.errors import CheckpointError
-from mm_llama.llama import Llama, LlamaConfig
-
-__all__ = ["atomic_directory", "convert_checkpoint", "detect_format", "load_llama", "merge_meta_shards",
-           "meta_to_hf_state", "permute_rope", "read_checkpoint", "save_llama", "save_mmllama", "split_meta_shards",
-           "unpermute_rope", "write_checkpoint", "write_hf"]
-
-
-def save_mmllama(model, out: str | Path, *, fmt: str = "meta", n_shards: int = 1) -> None:
-    """Write a Llama 3.2 Vision `MMLlama` as a Meta, HF or mm-llama directory (see `mllama.save_mmllama`)."""
-    from mm_llama.checkpoints.mllama import save_mmllama as save
-
-    save(model, out, fmt=fmt, n_shards=n_shards)
-
-
-def detect_format(path: str | Path) -> str:
-    """"ours" (mm_llama.json), "meta" (params.json) or "hf" (config.json with safetensors) for a directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected params.json + consolidated.NN.pth, "
-                              "config.json + *.safetensors, or mm_llama.json)")
-    if (path / OURS_INDEX).is_file():
-        return "ours"
-    if (path / META_PARAMS).is_file():
-        return "meta"
-    if (path / HF_CONFIG).is_file():
-        return "hf"
-    raise CheckpointError(f"{path}: none of {META_PARAMS} (Meta format), {HF_CONFIG} (Hugging Face format) or "
-                          f"{OURS_INDEX} (mm-llama format) found")
-
-
-def read_checkpoint(path: str | Path) -> tuple[str, LlamaConfig, dict[str, torch.Tensor]]:
-    """(format, config, state dict with Meta names) of a checkpoint directory; tensors stay lazy where possible."""
-    path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "ours":
-        trunk = read_ours_trunk(path)
-        if isinstance(trunk, Path):  # an adapter checkpoint: the trunk lives in the checkpoint it refers to
-            return read_checkpoint(trunk)
-        return (fmt, *trunk)
-    config, state = read_meta(path) if fmt == "meta" else read_hf(path)
-    return fmt, config, state
-
-
-def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str, *,
-                     tied: str | None = None) -> None:
-    """Strict key and shape check against `model`, with a message that names the source and the first problems.
-    `tied`: the key of a tied output head, which checkpoints need not carry."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if tied is not None:
-        expected.pop(tied)
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: state dict does not match the config: missing {missing[:6]}"
-                              f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                              f"{' ...' if len(unexpected) > 6 else ''}")
-    for key, shape in expected.items():
-        if state[key].shape != shape:
-            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, the config implies "
-                                  f"{tuple(shape)}")
-
-
-def tokenizer_candidates(path: Path) -> tuple[Path, Path]:
-    """Where a checkpoint directory keeps its tokenizer.model (HF repositories put Meta's files under original/)."""
-    return path / "tokenizer.model", path / "original" / "tokenizer.model"
-
-
-def check_tokenizer_vocab(path: Path, config: LlamaConfig) -> None:
-    """A tokenizer.model shipped in the checkpoint directory must match the embedding table."""
-    for candidate in tokenizer_candidates(path):
-        if candidate.is_file():
-            from mm_llama.tokenizer import Tokenizer
-
-            n_words = Tokenizer.from_file(candidate).n_words
-            if n_words != config.vocab_size:
-                raise CheckpointError(f"{path}: vocab_size {config.vocab_size} in the config differs from the "
-                                      f"{n_words} tokens of {candidate}")
-            return
-
-
-def load_llama(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
-               device: torch.device | str = "cpu") -> Llama:
-    """Build a `Llama` from a Meta or HF checkpoint directory: meta-device construction, strict assign-load.
-
-    Args:
-        dtype: parameter dtype (None keeps the checkpoint's).
-        device: where the weights go.
-    """
-    path = Path(path)
-    fmt, config, state = read_checkpoint(path)
-    check_tokenizer_vocab(path, config)
-    with torch.device("meta"):
-        model = Llama(config)
-    check_state_dict(state, model, f"{path} ({fmt} format)", tied="output.weight" if config.tie_embeddings else None)
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
-             for k, v in state.items()}
-    if config.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
-    model.reset_rope()
-    return model
-
-
-def save_llama(model: Llama, out: str | Path, *, fmt: str = "meta", n_shards: int = 1) -> None:
-    """Write `model` as a Meta or HF checkpoint directory (atomically: a temporary directory, then a rename)."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("output.weight")
-    write_checkpoint(state, model.config, Path(out), fmt=fmt, n_shards=n_shards)
-
-
-def write_checkpoint(state: dict[str, torch.Tensor], config: LlamaConfig, out: Path, *, fmt: str,
-                     n_shards: int = 1, extra_files: tuple[Path, ...] = ()) -> None:
-    """Write a Meta-named state dict as a checkpoint directory: all or nothing (temporary directory + rename)."""
-    if fmt not in ("meta", "hf", "ours"):
-        raise CheckpointError(f"unknown checkpoint format {fmt!r}; accepted: 'meta', 'hf', 'ours'")
-    with atomic_directory(out) as tmp:
-        if fmt == "meta":
-            write_meta(state, config, tmp, n_shards)
-        elif fmt == "hf":
-            write_hf(state, config, tmp)
-        else:
-            write_ours(tmp, trunk={"config": config.to_dict()}, trunk_weights=state)
-        for extra in extra_files:
-            shutil.copy2(extra, tmp / extra.name)
-
-
-@contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out` (which must not exist), renamed to `out` when the block succeeds and
-    removed when it fails: a checkpoint directory appears whole or not at all."""
-    if out.exists():
-        raise CheckpointError(f"{out}: already exists; choose a new output directory")
-    # The temporary directory sits beside the target so that the final rename stays on one filesystem.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = None, n_shards: int = 1) -> str:
-    """Convert a checkpoint directory Meta <-> HF <-> ours without changing a single bit of the weights; returns the
-    format written (by default the other one; ours -> Meta). A tokenizer.model next to the weights is copied along.
-    Llama 3.2 Vision directories go through `mllama.convert_mmllama`."""
-    from mm_llama.checkpoints.mllama import convert_mmllama, mllama_format
-
-    src, dst = Path(src), Path(dst)
-    if mllama_format(src) is not None:
-        return convert_mmllama(src, dst, to=to, n_shards=n_shards)
-    fmt, config, state = read_checkpoint(src)
-    to = to or ("hf" if fmt == "meta" else "meta")
-    extras = tuple(p for p in tokenizer_candidates(src) if p.is_file())[:1]
-    write_checkpoint(state, config, dst, fmt=to, n_shards=n_shards, extra_files=extras)
-    return to
+__all__ = ["atomic_directory", "check_state_dict", "check_tokenizer_vocab", "convert_checkpoint", "detect_format",
+           "load_llama", "load_mmllama", "merge_meta_shards", "meta_to_hf_state", "permute_rope", "read_checkpoint",
+           "read_composed", "save_llama", "save_mmllama", "split_meta_shards", "tokenizer_candidates",
+           "unpermute_rope", "write_hf", "write_trunk"]

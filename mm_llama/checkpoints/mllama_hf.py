@@ -1,19 +1,44 @@
-"""Hugging Face Mllama's text side <-> `MMLlama`'s names (data: key tables plus the rotary permutation).
+"""Llama 3.2 Vision in Hugging Face's format (`config.json` with model_type "mllama" + safetensors) <-> `MMLlama`.
 
-HF keeps self- and cross-attention layers in one list (40 for 11B): the cross block that precedes trunk layer
-`schedule[j]` sits at HF index `schedule[j] + j`, and trunk layer i at `i + (blocks at or before i)`. Its
-`embed_tokens` is the frozen table and the 8 media rows stacked (128264 rows for 11B).
+The text side is data (key tables plus the rotary permutation). HF keeps self- and cross-attention layers in one list
+(40 for 11B): the cross block that precedes trunk layer `schedule[j]` sits at HF index `schedule[j] + j`, and trunk
+layer i at `i + (blocks at or before i)`; any `cross_attention_layers` list is accepted, as transformers does (Llama
+3.2's own follows `fusion_schedule`). Its `embed_tokens` is the frozen table and the 8 media rows stacked (128264
+rows for 11B). The vision side is `encoders/vision_hf.py`.
+
+Both the hub's tensor names (`language_model.model.*`, `vision_model.*`, `multi_modal_projector.*`,
+`language_model.lm_head.weight`) and the runtime names of transformers >= 4.52 (`model.language_model.*`, …) load;
+HF output uses the hub names, as `save_pretrained` does.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 
-from mm_llama.checkpoints.hf import permute_rope, unpermute_rope
-from mm_llama.errors import CheckpointError
+from adapters.cross_attention import CrossAttentionConfig, cross_attention_schedule, fusion_schedule
+from mm_llama.checkpoints.common import read_json
+from mm_llama.checkpoints.hf import (
+    HF_CONFIG,
+    _hf_weight_files,
+    _open_safetensors,
+    permute_rope,
+    save_hf_weights,
+    unpermute_rope,
+)
+from mm_llama.checkpoints.hf_config import hf_config_to_llama, llama_to_hf_config
+from mm_llama.errors import CheckpointError, ConfigError
 from mm_llama.llama import LlamaConfig
+from mm_llama.model import MMConfig
+
+# Hub name prefix -> runtime name prefix (transformers' own `_checkpoint_conversion_mapping`, as data).
+_HUB_TO_RUNTIME = [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                   ("vision_model.", "model.vision_model."), ("multi_modal_projector.", "model.multi_modal_projector.")]
+# Text-config keys with no effect on the computation, or already read through the llama mapping.
+_TEXT_ONLY_KEYS = {"cross_attention_layers", "dropout", "model_type", "use_cache", "initializer_range"}
 
 SELF_LAYER = {  # HF suffix under layers.X. -> ours under trunk.layers.i.
     "self_attn.q_proj.weight": "attention.wq.weight",
@@ -105,18 +130,132 @@ def text_state_to_hf(state: dict[str, torch.Tensor], config: LlamaConfig, schedu
     return out
 
 
-def mmllama_state_from_hf(hf: dict[str, torch.Tensor], config: LlamaConfig, vision_config, schedule: list[int]
-                          ) -> dict[str, torch.Tensor]:
+def mmllama_state_from_hf(hf: dict[str, torch.Tensor], config: MMConfig) -> dict[str, torch.Tensor]:
     """A whole `MllamaForConditionalGeneration` state dict (runtime names, transformers >= 4.52) -> MMLlama's."""
     from encoders.vision_hf import vision_state_from_hf
 
-    vision = vision_state_from_hf(hf, vision_config, prefix="model.vision_model.")
+    vision = vision_state_from_hf(hf, config.vision, prefix="model.vision_model.")
     out = {f"vision.{k}": v for k, v in vision.items()}
     out["vision_projection.weight"] = hf["model.multi_modal_projector.weight"]
     out["vision_projection.bias"] = hf["model.multi_modal_projector.bias"]
     text = {k: v for k, v in hf.items() if k.startswith("model.language_model.") or k == "lm_head.weight"}
-    out |= text_state_from_hf(text, config, schedule, prefix="model.language_model.")
+    out |= text_state_from_hf(text, config.trunk, _schedule(config), prefix="model.language_model.")
     known = set(text) | {k for k in hf if k.startswith(("model.vision_model.", "model.multi_modal_projector."))}
     if unknown := sorted(set(hf) - known):
         raise CheckpointError(f"unexpected Mllama tensors {unknown[:5]}")
     return out
+
+
+def _schedule(config: MMConfig) -> list[int]:
+    return cross_attention_schedule(config.trunk.n_layers, config.image_adapter)
+
+
+def hub_to_runtime(key: str) -> str:
+    """A hub tensor name -> the name of the same tensor in transformers >= 4.52's module tree."""
+    return next((new + key[len(old):] for old, new in _HUB_TO_RUNTIME if key.startswith(old)), key)
+
+
+def adapter_config_from_hf(cross: list, n_total: int, *, source: str) -> CrossAttentionConfig:
+    """HF's `cross_attention_layers` (indices into its list of `n_total` self- and cross-attention layers) -> our
+    schedule: block j precedes trunk layer `cross[j] - j`. Llama 3.2's own spacing stays implicit (layers=None)."""
+    if not cross or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_total for i in cross):
+        raise ConfigError(f"{source}: text_config.cross_attention_layers must be a non-empty list of layer indices "
+                          f"in [0, {n_total}), got {cross!r}")
+    cross = sorted(set(cross))  # transformers only asks "is layer i in the list"
+    n_self = n_total - len(cross)
+    layers = [c - j for j, c in enumerate(cross)]
+    if n_self >= len(cross) and layers == fusion_schedule(n_self, len(cross)):
+        return CrossAttentionConfig(n_layers=len(cross))
+    return CrossAttentionConfig(n_layers=len(cross), layers=tuple(layers))
+
+
+def mllama_config_from_hf(config: dict, *, source: str) -> MMConfig:
+    """`MMConfig` (Meta semantics) of an HF Mllama config.json."""
+    from encoders.vision_hf import vision_config_from_hf
+
+    text = dict(config.get("text_config") or {})
+    n_total = text.get("num_hidden_layers")
+    if not isinstance(n_total, int):
+        raise ConfigError(f"{source}: text_config.num_hidden_layers must be an integer, got {n_total!r}")
+    adapter = adapter_config_from_hf(list(text.get("cross_attention_layers") or []), n_total, source=source)
+    llama = {k: v for k, v in text.items() if k not in _TEXT_ONLY_KEYS}
+    llama |= {"model_type": "llama", "num_hidden_layers": n_total - adapter.n_layers}
+    trunk = hf_config_to_llama(llama, source=f"{source} (text_config)")
+    if config.get("image_token_index", trunk.vocab_size) != trunk.vocab_size:
+        raise ConfigError(f"{source}: image_token_index {config['image_token_index']} is not the first row above "
+                          f"the vocabulary ({trunk.vocab_size})")
+    vision = vision_config_from_hf(config.get("vision_config") or {})
+    return MMConfig(trunk=trunk, vision=vision, image_adapter=adapter)
+
+
+def read_hf_mllama(path: Path) -> tuple[MMConfig, dict[str, torch.Tensor]]:
+    """Config and the MMLlama state dict of an HF Llama 3.2 Vision directory (tensors stay memory-mapped)."""
+    config = mllama_config_from_hf(read_json(path / HF_CONFIG), source=str(path / HF_CONFIG))
+    by_file: dict[Path, list[str]] = {}
+    for key, file in _hf_weight_files(path).items():
+        by_file.setdefault(file, []).append(key)
+    hf: dict[str, torch.Tensor] = {}
+    for file, keys in by_file.items():
+        with _open_safetensors(file) as f:
+            for key in keys:
+                hf[hub_to_runtime(key)] = f.get_tensor(key)
+    try:
+        state = mmllama_state_from_hf(hf, config)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing tensor {e}") from None
+    return config, state
+
+
+def hf_vision_config(vision) -> dict:
+    """HF `vision_config` (MllamaVisionConfig) for our VisionConfig; the inverse of `vision_config_from_hf`."""
+    from encoders.image_transform import supported_aspect_ratios
+
+    if vision.attn_bias or vision.pad_to_multiple != 8:
+        raise ConfigError(f"HF Mllama's encoder has no attention biases and pads tiles to a multiple of 8; "
+                          f"VisionConfig(attn_bias={vision.attn_bias}, pad_to_multiple={vision.pad_to_multiple}) "
+                          "cannot be written in its format")
+    return {"model_type": "mllama_vision_model", "hidden_size": vision.width, "hidden_act": "gelu",
+            "num_hidden_layers": vision.n_layers, "num_global_layers": vision.n_global_layers,
+            "attention_heads": vision.n_heads, "num_channels": 3, "intermediate_size": vision.mlp_dim,
+            "vision_output_dim": vision.output_dim, "image_size": vision.tile_size, "patch_size": vision.patch_size,
+            "norm_eps": vision.norm_eps, "max_num_tiles": vision.max_tiles,
+            "intermediate_layers_indices": list(vision.intermediate_layers),
+            "supported_aspect_ratios": [list(r) for r in supported_aspect_ratios(vision.max_tiles)]}
+
+
+def hf_mllama_config(config: MMConfig, dtype: torch.dtype) -> dict:
+    """config.json that `transformers.MllamaForConditionalGeneration.from_pretrained` loads (4.x and 5.x)."""
+    trunk, adapter = config.trunk, config.image_adapter
+    text = llama_to_hf_config(trunk, dtype)
+    for key in ("architectures", "head_dim", "attention_bias", "mlp_bias", "torch_dtype"):
+        text.pop(key)
+    text |= {"model_type": "mllama_text_model", "num_hidden_layers": trunk.n_layers + adapter.n_layers,
+             "cross_attention_layers": [layer + j for j, layer in enumerate(_schedule(config))],
+             # HF's converter writes Llama 3's <|finetune_right_pad_id|>; a smaller vocabulary has no such row.
+             "pad_token_id": 128004 if trunk.vocab_size > 128004 else None}
+    return {"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama",
+            "image_token_index": trunk.vocab_size, "torch_dtype": str(dtype).removeprefix("torch."),
+            "text_config": text, "vision_config": hf_vision_config(config.vision)}
+
+
+def mmllama_state_to_hf(state: dict[str, torch.Tensor], config: MMConfig) -> dict[str, torch.Tensor]:
+    """MMLlama state dict -> HF Mllama tensors under the hub names (what transformers' save_pretrained writes)."""
+    from encoders.vision_hf import vision_state_to_hf
+
+    vision_state = {k.removeprefix("vision."): v for k, v in state.items() if k.startswith("vision.")}
+    out = vision_state_to_hf(vision_state, config.vision, prefix="vision_model.")
+    out["multi_modal_projector.weight"] = state["vision_projection.weight"]
+    out["multi_modal_projector.bias"] = state["vision_projection.bias"]
+    text = dict(state)
+    if config.trunk.tie_embeddings:
+        text.setdefault("trunk.output.weight", state["trunk.tok_embeddings.weight"])
+    out |= text_state_to_hf(text, config.trunk, _schedule(config), prefix="language_model.model.",
+                            head="language_model.lm_head.weight")
+    return out
+
+
+def write_hf_mllama(state: dict[str, torch.Tensor], config: MMConfig, out: Path) -> None:
+    hf = {k: v.contiguous() for k, v in mmllama_state_to_hf(state, config).items()}
+    dtype = hf["multi_modal_projector.weight"].dtype
+    (out / HF_CONFIG).write_text(json.dumps(hf_mllama_config(config, dtype), indent=2) + "\n")
+    save_hf_weights(hf, out)

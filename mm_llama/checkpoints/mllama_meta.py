@@ -12,6 +12,11 @@ Meta hard-codes the ViT (`VisionConfig.preset("3.2-11B")` at the tile size); the
 extension key `"mm_llama_vision": {VisionConfig fields}` describes another ViT (small test models); our writer emits it
 only when the encoder differs from the 3.2 preset. Any other key is an error.
 
+Meta keeps the ViT's three tile embeddings as [M, M, ...] grids; ours are per-aspect-ratio tables (which also hold
+checkpoints fine-tuned in transformers), so the reader expands each grid (`grid_to_table`) and the writer folds the
+tables back (`table_to_grid`), refusing tables that no grid gives. Meta's code places the cross-attention blocks by
+its own rule: a model with an explicit other schedule (`CrossAttentionConfig.layers`) is refused too.
+
 Model parallelism (Meta's `models/checkpoint.py`, with HF's converter for the two tensors Meta's helper misses):
 trunk and cross-attention blocks as in `meta.py` (wq/wk/wv/w1/w3 dim 0, wo/w2 last dim); vision column-parallel
 (dim 0): `attn.wq/wk/wv.weight`, `mlp.c_fc.weight/.bias`, `conv1._linear.weight`, `vision_projection.weight/.bias`,
@@ -27,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from adapters.cross_attention import CrossAttentionConfig
+from adapters.cross_attention import CrossAttentionConfig, cross_attention_schedule, fusion_schedule
+from encoders.vision import TILE_TABLE_KEYS
 from mm_llama.checkpoints.common import read_json
 from mm_llama.checkpoints.meta import (
     _COLUMN_PARALLEL,
@@ -42,6 +48,7 @@ from mm_llama.checkpoints.meta import (
 )
 from mm_llama.errors import CheckpointError, ConfigError
 from mm_llama.llama import LlamaConfig
+from mm_llama.model import MMConfig
 
 # Meta prefix -> our prefix; the first match wins, so the specific text_model.* entries come before the trunk's.
 META_TO_OURS: list[tuple[str, str]] = [
@@ -61,6 +68,8 @@ COLUMN, ROW = _COLUMN_PARALLEL + VISION_COLUMN, _ROW_PARALLEL + VISION_ROW
 VISION_KEYS = {"vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers", "vision_model"}
 OUR_VISION_KEY = "mm_llama_vision"  # our extension: a ViT other than Llama 3.2's
 _POS_EMBED = "vision_model.vision_encoder.positional_embedding"
+# Our names of the ViT's per-aspect-ratio tables (Meta: grids).
+TILE_TABLES = {f"vision.{key}" for key in TILE_TABLE_KEYS}
 
 
 def _params(path: Path) -> dict:
@@ -107,12 +116,10 @@ def _n_cross_layers(params: dict, source: str) -> int:
     return next(iter(values.values()))
 
 
-def read_meta_mllama_configs(path: Path, *, hf_compat: bool, positional_rows: int | None = None
-                             ) -> tuple[LlamaConfig, object, CrossAttentionConfig]:
-    """(trunk, vision, cross-attention) configs of a Meta Llama 3.2 Vision directory.
+def read_meta_mllama_config(path: Path, *, positional_rows: int | None = None) -> MMConfig:
+    """The `MMConfig` (Meta semantics) of a Meta Llama 3.2 Vision directory.
 
     Args:
-        hf_compat: semantics flags (see `MMLlama.from_pretrained`).
         positional_rows: rows of the checkpoint's `positional_embedding`; the tile size they imply wins over
             params.json, which must then agree.
     """
@@ -125,16 +132,13 @@ def read_meta_mllama_configs(path: Path, *, hf_compat: bool, positional_rows: in
         raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: "
                           f"{sorted(set(_META_KEYS) | VISION_KEYS | {OUR_VISION_KEY})}")
     trunk = LlamaConfig.from_dict({_META_KEYS[k]: v for k, v in params.items() if k in _META_KEYS}, source=source)
-    cross = CrossAttentionConfig(n_layers=_n_cross_layers(params, source), mask_attention_rows=not hf_compat)
-    mode = "output" if hf_compat else "input"
+    cross = CrossAttentionConfig(n_layers=_n_cross_layers(params, source))
     if OUR_VISION_KEY in params:
         if not isinstance(params[OUR_VISION_KEY], dict):
             raise ConfigError(f"{source}: {OUR_VISION_KEY} must be an object of VisionConfig fields")
-        vision = VisionConfig.from_dict({**params[OUR_VISION_KEY], "intermediate_mode": mode},
-                                        source=f"{source} ({OUR_VISION_KEY})")
+        vision = VisionConfig.from_dict(params[OUR_VISION_KEY], source=f"{source} ({OUR_VISION_KEY})")
     else:
-        vision = VisionConfig.preset("3.2-11B", max_tiles=params.get("vision_max_num_chunks", 4),
-                                     intermediate_mode=mode)
+        vision = VisionConfig.preset("3.2-11B", max_tiles=params.get("vision_max_num_chunks", 4))
     tile = params.get("vision_chunk_size")
     if positional_rows is not None:
         side = math.isqrt(max(positional_rows - 1, 0))
@@ -154,18 +158,21 @@ def read_meta_mllama_configs(path: Path, *, hf_compat: bool, positional_rows: in
     if params.get("vision_max_num_chunks", vision.max_tiles) != vision.max_tiles:
         raise ConfigError(f"{source}: vision_max_num_chunks {params['vision_max_num_chunks']} disagrees with "
                           f"{OUR_VISION_KEY}.max_tiles {vision.max_tiles}")
-    return trunk, VisionConfig.from_dict({**vision.to_dict(), "tile_size": tile}, source=source), cross
+    vision = VisionConfig.from_dict({**vision.to_dict(), "tile_size": tile}, source=source)
+    return MMConfig(trunk=trunk, vision=vision, image_adapter=cross)
 
 
-def read_meta_mllama(path: Path, *, hf_compat: bool) -> tuple[LlamaConfig, object, CrossAttentionConfig,
-                                                               dict[str, torch.Tensor]]:
-    """Configs and the MMLlama state dict (our names) of a Meta Llama 3.2 Vision directory; shards merged."""
+def read_meta_mllama(path: Path) -> tuple[MMConfig, dict[str, torch.Tensor]]:
+    """Config and the MMLlama state dict (our names) of a Meta Llama 3.2 Vision directory; shards merged, tile
+    grids expanded to per-aspect-ratio tables."""
+    from encoders.vision_blocks import grid_to_table
+
     files = meta_shard_files(path)
     shards = [_torch_load(f) for f in files]
     rows = shards[0][_POS_EMBED].shape[0] if _POS_EMBED in shards[0] else None
-    trunk, vision, cross = read_meta_mllama_configs(path, hf_compat=hf_compat, positional_rows=rows)
+    config = read_meta_mllama_config(path, positional_rows=rows)
     try:
-        merged = merge_meta_shards(shards, trunk, [str(f) for f in files], column=COLUMN, row=ROW)
+        merged = merge_meta_shards(shards, config.trunk, [str(f) for f in files], column=COLUMN, row=ROW)
     except RuntimeError as e:  # torch.cat of shards whose shapes do not line up
         raise CheckpointError(f"{path}: shards {[f.name for f in files]} do not merge ({e})") from None
     state = {}
@@ -175,30 +182,38 @@ def read_meta_mllama(path: Path, *, hf_compat: bool) -> tuple[LlamaConfig, objec
         ours = to_ours(key)
         if ours is None:
             raise CheckpointError(f"{files[0]}: unexpected tensor {key!r} for a Llama 3.2 Vision checkpoint")
-        state[ours] = value
-    return trunk, vision, cross, state
+        state[ours] = grid_to_table(value) if ours in TILE_TABLES else value
+    return config, state
 
 
-def meta_mllama_params(trunk: LlamaConfig, vision, cross: CrossAttentionConfig) -> dict:
+def meta_mllama_params(config: MMConfig) -> dict:
     """params.json for the configs: Meta's fields, plus `mm_llama_vision` when the ViT is not Llama 3.2's."""
     from encoders.vision import VisionConfig
 
+    trunk, vision, cross = config.trunk, config.vision, config.image_adapter
+    if cross_attention_schedule(trunk.n_layers, cross) != fusion_schedule(trunk.n_layers, cross.n_layers):
+        raise CheckpointError(f"cross-attention blocks before trunk layers {list(cross.layers)}: Meta's format has "
+                              f"no place for a schedule other than Llama 3.2's own "
+                              f"({fusion_schedule(trunk.n_layers, cross.n_layers)}), which Meta's code always "
+                              "applies; write the 'hf' or 'ours' format instead")
     params = trunk.to_dict() | {"vision_chunk_size": vision.tile_size, "vision_max_num_chunks": vision.max_tiles,
                                 "vision_num_cross_attention_layers": cross.n_layers}
-    ours = {k: v for k, v in vision.to_dict().items() if k != "intermediate_mode"}  # a load-time choice
-    preset = VisionConfig.preset("3.2-11B", tile_size=vision.tile_size, max_tiles=vision.max_tiles).to_dict()
-    if ours != {k: v for k, v in preset.items() if k != "intermediate_mode"}:
+    ours = config.part_configs()["vision"]  # without the load-time semantics fields
+    preset = MMConfig(trunk=trunk, vision=VisionConfig.preset("3.2-11B", tile_size=vision.tile_size,
+                                                              max_tiles=vision.max_tiles), image_adapter=cross)
+    if ours != preset.part_configs()["vision"]:
         params[OUR_VISION_KEY] = ours | {"intermediate_layers": list(vision.intermediate_layers)}
     return params
 
 
-def write_meta_mllama(state: dict[str, torch.Tensor], trunk: LlamaConfig, vision, cross: CrossAttentionConfig,
-                      out: Path, n_shards: int = 1) -> None:
+def write_meta_mllama(state: dict[str, torch.Tensor], config: MMConfig, out: Path, n_shards: int = 1) -> None:
     """Write an MMLlama state dict (our names) as params.json + n model-parallel consolidated.NN.pth files."""
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {to_meta(k): v for k, v in state.items()}
-    if trunk.tie_embeddings:
+    from encoders.vision_blocks import table_to_grid
+
+    params = meta_mllama_params(config)
+    meta = {to_meta(k): table_to_grid(v, k) if k in TILE_TABLES else v for k, v in state.items()}
+    if config.trunk.tie_embeddings:
         meta["text_model.output.weight"] = meta["text_model.tok_embeddings.weight"]
-    (out / META_PARAMS).write_text(json.dumps(meta_mllama_params(trunk, vision, cross), indent=2) + "\n")
-    for i, shard in enumerate(split_meta_shards(meta, n_shards, trunk, column=COLUMN, row=ROW)):
+    (out / META_PARAMS).write_text(json.dumps(params, indent=2) + "\n")
+    for i, shard in enumerate(split_meta_shards(meta, n_shards, config.trunk, column=COLUMN, row=ROW)):
         torch.save(shard, out / f"consolidated.{i:02d}.pth")

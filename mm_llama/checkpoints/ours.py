@@ -1,22 +1,22 @@
 """mm-llama's own checkpoint format (DESIGN §4): a directory with `mm_llama.json` and one safetensors file per part.
 
-    mm_llama.json = {"format": "mm-llama", "version": 1,
+    mm_llama.json = {"format": "mm-llama", "version": 2,
                      "trunk": {"config": {...LlamaConfig...}, "weights": "trunk.safetensors"}
-                            | {"checkpoint": "path/to/a/Meta/or/HF/directory"},
+                            | {"checkpoint": "path/to/a/Meta/HF/or/mm-llama/directory"},
                      "parts": {"<part>": {"config": {...}, "weights": "<part>.safetensors"}, ...}}
 
-A whole Llama 3.2 Vision model (`MMLlama`, written by `save_mmllama(fmt="ours")`) has two parts:
+The format is generic over parts: a part is a module of `MMLlama` other than the trunk (`MMLlama.parts()`: e.g.
+"vision", "vision_projection", "image_adapter", "media"), and its tensors keep their full `MMLlama` names, so a
+reader merges every part's file by name and a part that a later stage adds needs no code here. A part's config is
+the `MMConfig` field of the same name (parts such as the projection have none); the fields that choose Meta's or
+transformers' semantics are chosen when loading (`hf_compat`), never stored.
 
-    "vision":        {"config": {...VisionConfig, no intermediate_mode...}, "weights": "vision.safetensors"}
-                     holding `vision.*` and `vision_projection.{weight,bias}`;
-    "image_adapter": {"config": {"n_layers": N}, "weights": "image_adapter.safetensors"}
-                     holding `media.learnable_embedding.weight` and `image_adapter.cross_attention_layers.*`.
+A stage that trains the trunk (`lm`) stores its weights here; a stage that trains an adapter stores only its parts
+and refers to the trunk checkpoint it was trained on. Other writers (the `vision-pretrain` stage) store parts that
+are not `MMLlama`'s with the low-level `write_ours`.
 
-Part tensors keep their full `MMLlama` names; the semantics flags (`intermediate_mode`, `mask_attention_rows`) are
-chosen when loading (`hf_compat`), not stored.
-
-A stage that trains the trunk (`lm`) stores its weights here; a stage that trains an adapter stores only the adapter
-and refers to the trunk checkpoint it was trained on. Tensor names are the module's own (Meta's, for the trunk).
+Version 1 (before the per-aspect-ratio tile tables) stored the ViT's three tile embeddings as Meta's [M, M, ...]
+grids and grouped the projection with "vision" and the media rows with "image_adapter"; it is read and upgraded.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from mm_llama.errors import CheckpointError
 from mm_llama.llama import LlamaConfig
 
 OURS_INDEX = "mm_llama.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def read_index(path: Path) -> dict:
     index = read_json(path / OURS_INDEX)
-    if index.get("format") != "mm-llama" or index.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / OURS_INDEX}: not an mm-llama v{FORMAT_VERSION} index "
+    if index.get("format") != "mm-llama" or index.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path / OURS_INDEX}: not an mm-llama index of version {READABLE_VERSIONS} "
                               f"(format={index.get('format')!r}, version={index.get('version')!r})")
     return index
 
@@ -58,6 +59,10 @@ def read_ours_trunk(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]] |
     trunk = read_index(path).get("trunk")
     if not isinstance(trunk, dict):
         raise CheckpointError(f"{path / OURS_INDEX}: no 'trunk' entry")
+    if not trunk:
+        parts = sorted(read_index(path).get("parts") or {})
+        raise CheckpointError(f"{path / OURS_INDEX}: stores no trunk, only parts {parts} (a vision-pretrain "
+                              "checkpoint: the image-adapter stage starts its ViT from it with init_vision)")
     if "checkpoint" in trunk:
         ref = Path(trunk["checkpoint"])
         return ref if ref.is_absolute() else path / ref
@@ -65,14 +70,39 @@ def read_ours_trunk(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]] |
     return config, read_safetensors(path / trunk.get("weights", "trunk.safetensors"))
 
 
-def write_ours(out: Path, *, trunk: dict, parts: dict[str, tuple[dict, dict[str, torch.Tensor]]] | None = None,
+def read_ours_parts(path: Path) -> dict[str, tuple[dict | None, dict[str, torch.Tensor]]]:
+    """Part name -> (stored config or None, tensors by full name) of every part of an mm-llama directory, upgraded
+    to the current version."""
+    index = read_index(path)
+    out = {}
+    for name, entry in (index.get("parts") or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("config", {}), dict):
+            raise CheckpointError(f"{path / OURS_INDEX}: part {name!r} must be {{'config': {{...}}, 'weights': ...}}")
+        tensors = read_safetensors(path / entry.get("weights", f"{name}.safetensors"))
+        if index["version"] == 1:
+            tensors = _upgrade_v1(tensors)
+        out[name] = (entry.get("config"), tensors)
+    return out
+
+
+def _upgrade_v1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Version 1 kept the ViT's tile embeddings as Meta's grids; version 2 keeps per-aspect-ratio tables."""
+    from encoders.vision import TILE_TABLE_KEYS
+    from encoders.vision_blocks import grid_to_table
+
+    grids = {f"vision.{k}" for k in TILE_TABLE_KEYS}
+    return {k: grid_to_table(v) if k in grids else v for k, v in tensors.items()}
+
+
+def write_ours(out: Path, *, trunk: dict, parts: dict[str, tuple[dict | None, dict[str, torch.Tensor]]] | None = None,
                trunk_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write the index and weights into `out` (an existing, empty directory: callers make it atomic).
 
     Args:
-        trunk: {"config": dict} when `trunk_weights` are stored here, else {"checkpoint": path}.
-        parts: part name -> (config dict, state dict) of each trained part.
-        trunk_weights: the trunk's state dict (Meta names), when the trunk itself was trained.
+        trunk: {"config": dict} when `trunk_weights` are stored here, else {"checkpoint": path} (or {} for a
+            directory of parts that belong to no trunk).
+        parts: part name -> (config dict or None, state dict by full name) of each stored part.
+        trunk_weights: the trunk's state dict (Meta names), when the trunk itself is stored.
     """
     from safetensors.torch import save_file
 
@@ -81,21 +111,29 @@ def write_ours(out: Path, *, trunk: dict, parts: dict[str, tuple[dict, dict[str,
         index["trunk"]["weights"] = "trunk.safetensors"
         save_file({k: v.contiguous() for k, v in trunk_weights.items()}, str(out / "trunk.safetensors"))
     for name, (config, state) in (parts or {}).items():
-        index["parts"][name] = {"config": config, "weights": f"{name}.safetensors"}
+        entry = {"weights": f"{name}.safetensors"}
+        if config is not None:
+            entry = {"config": config, **entry}
+        index["parts"][name] = entry
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"{name}.safetensors"))
     (out / OURS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def read_ours_parts(path: Path) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
-    """Part name -> (config dict, state dict) of every part stored in an mm-llama directory."""
-    parts = read_index(path).get("parts") or {}
-    out = {}
-    for name, entry in parts.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("config", {}), dict):
-            raise CheckpointError(f"{path / OURS_INDEX}: part {name!r} must be {{'config': {{...}}, 'weights': ...}}")
-        out[name] = (entry.get("config", {}), read_safetensors(path / entry.get("weights", f"{name}.safetensors")))
-    return out
+def split_parts(state: dict[str, torch.Tensor], configs: dict[str, dict]
+                ) -> dict[str, tuple[dict | None, dict[str, torch.Tensor]]]:
+    """The parts of a composed model's non-trunk tensors (full names): one per top-level module, with its stored
+    config (`MMConfig.part_configs`) where it has one."""
+    parts: dict[str, tuple[dict | None, dict[str, torch.Tensor]]] = {}
+    for key, value in state.items():
+        name = key.split(".", 1)[0]
+        if name == "trunk":
+            raise CheckpointError(f"{key}: trunk tensors are stored as the trunk, not as a part")
+        parts.setdefault(name, (configs.get(name), {}))[1][key] = value
+    if missing := sorted(configs.keys() - parts.keys()):
+        raise CheckpointError(f"parts {missing} have a config but no tensors")
+    return parts
 
 
-def has_part(path: Path, name: str) -> bool:
-    return (path / OURS_INDEX).is_file() and name in (read_json(path / OURS_INDEX).get("parts") or {})
+def has_parts(path: Path) -> bool:
+    """Whether an mm-llama directory stores parts besides (or instead of) a trunk."""
+    return (path / OURS_INDEX).is_file() and bool(read_json(path / OURS_INDEX).get("parts"))

@@ -150,7 +150,8 @@ class _Prepare:
         self.tokenizer, self.transform, self.seq_len = tokenizer, transform, seq_len
 
     def __call__(self, turn: _Turn) -> _Row:
-        user = {"role": "user", "content": turn.prompt, "media": ["<|image|>"]}
+        # The image first, then the prompt (stripped, as the string form of a message is).
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn.prompt.strip()}]}
         prompt = self.tokenizer.encode_dialog([user], add_generation_prompt=True)
         tokens = self.tokenizer.encode_dialog([user, {"role": "assistant", "content": turn.target}],
                                               add_generation_prompt=False)
@@ -161,7 +162,7 @@ class _Prepare:
 
 
 class _Collate:
-    """Rows → pixel_values (B, 1, T, 3, S, S), aspect_ratio_ids (B, 1), tokens/mask/labels (B, L)."""
+    """Rows → images (one per sample: `Images`), tokens/mask/labels (B, L)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -175,8 +176,7 @@ class _Collate:
             tokens[i, : len(row.tokens)] = torch.tensor(row.tokens)
             labels[i, : len(row.labels)] = torch.tensor(row.labels)
         mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]  # (B, L)
-        return {"pixel_values": images["pixel_values"], "aspect_ratio_ids": images["aspect_ratio_ids"],
-                "tokens": tokens, "mask": mask, "labels": labels}
+        return {"images": images, "tokens": tokens, "mask": mask, "labels": labels}
 
 
 class ImageTextBatches:
@@ -202,8 +202,8 @@ class ImageTextBatches:
         Args:
             start: index of the first batch; training passes its data position to resume.
         Returns:
-            an iterator (endless when `resampled`) of {"pixel_values": float (B, 1, T, 3, S, S), "aspect_ratio_ids":
-            long (B, 1), "tokens": long (B, L) right-padded with the pad id, "mask": bool (B, L), "labels": long
+            an iterator (endless when `resampled`) of {"images": `Images` (one per sample: pixel_values (B, 1, T,
+            3, S, S)), "tokens": long (B, L) right-padded with the pad id, "mask": bool (B, L), "labels": long
             (B, L), the token on the answer and its `<|eot_id|>` and -100 elsewhere, "skipped": bad samples since the
             previous batch, "samples": B}. `DataError` when too many samples are bad.
         """

@@ -71,9 +71,8 @@ class _Prepare:
 
 
 def _collate(rows: list[tuple]) -> dict:
-    """Rows → pixel_values (B, 1, T, 3, S, S), aspect_ratio_ids (B, 1), captions (B strings)."""
-    images = collate_images([[image] for image, _ in rows], max_images=1)
-    return {"pixel_values": images["pixel_values"], "aspect_ratio_ids": images["aspect_ratio_ids"],
+    """Rows → images (one per sample: `Images`), captions (B strings)."""
+    return {"images": collate_images([[image] for image, _ in rows], max_images=1),
             "captions": [caption for _, caption in rows]}
 
 
@@ -99,8 +98,8 @@ class ImageCaptionBatches:
         """Batches from batch `start` on (what a fresh call yields from its `start`-th batch, exactly).
 
         Returns:
-            an iterator (endless when `resampled`) of {"pixel_values": float (B, 1, T, 3, S, S), "aspect_ratio_ids":
-            long (B, 1), "captions": list of B str, "skipped": bad samples since the previous batch, "samples": B}.
+            an iterator (endless when `resampled`) of {"images": `Images` (one per sample: pixel_values (B, 1, T,
+            3, S, S)), "captions": list of B str, "skipped": bad samples since the previous batch, "samples": B}.
             `DataError` when too many samples are bad.
         """
         return self._source.batches(start)

@@ -6,8 +6,8 @@ caption/Q&A shards, with the trunk frozen. The loss is next-token cross-entropy 
     mm-llama train image-adapter --config configs/demo/image_adapter.yaml [--train.steps=500 ...] [--resume]
 
 Each checkpoint directory is in mm-llama's format: the trunk by reference (`{"checkpoint": <trunk dir>}`; the trunk
-weights themselves for a `trunk_preset` smoke-test trunk), the parts "vision" (a `VisionEncoder` state dict) and
-"image_adapter" (`vision_projection.*`, `media.*`, `image_adapter.*` of `MMLlama`), and the tokenizer.model.
+weights themselves for a `trunk_preset` smoke-test trunk), the model's parts ("vision", "vision_projection",
+"image_adapter", "media": the frozen ViT is stored too) and the tokenizer.model. `MMLlama.from_pretrained` loads it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.cross_attention import CrossAttentionConfig
-from encoders.vision import VisionConfig, VisionEncoder
-from mm_llama.checkpoints.mllama import mllama_parts
-from mm_llama.checkpoints.ours import read_index, read_safetensors, write_ours
+from encoders.vision import VisionConfig
+from mm_llama.checkpoints.ours import read_ours_parts, split_parts, write_ours
 from mm_llama.data.image import IGNORE, ImageDataConfig, ImageTextBatches
 from mm_llama.errors import CheckpointError, ConfigError, TrainingError
 from mm_llama.llama import Llama, LlamaConfig
-from mm_llama.model import MMLlama
+from mm_llama.media import Media
+from mm_llama.model import MMConfig, MMLlama
 from mm_llama.train.distributed import Runtime
 from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
 
@@ -84,6 +84,7 @@ class ImageAdapterStage:
 
         self.n_words = Tokenizer.from_file(self.tokenizer_path).n_words
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}  # part -> frozen weights to store with each checkpoint
+        self._trunk_config: LlamaConfig | None = None  # known once built
 
     def build(self, runtime: Runtime) -> nn.Module:
         c = self.config
@@ -100,15 +101,15 @@ class ImageAdapterStage:
         if trunk.config.vocab_size != self.n_words:
             raise ConfigError(f"the trunk's vocab_size {trunk.config.vocab_size} differs from the {self.n_words} "
                               f"tokens of {self.tokenizer_path}")
+        self._trunk_config = trunk.config
         with torch.device(runtime.device):
-            model = MMLlama.with_image_adapter(trunk, c.adapter, vision=VisionEncoder(c.vision))
+            model = MMLlama(self.model_config(trunk.config), trunk=trunk)
         if c.init_vision is not None:
-            parts = read_index(Path(c.init_vision)).get("parts", {})
+            parts = read_ours_parts(Path(c.init_vision))
             if "vision" not in parts:
                 raise CheckpointError(f"{c.init_vision}: init_vision needs a checkpoint with a 'vision' part "
                                       f"(found parts {sorted(parts)})")
-            weights = read_safetensors(Path(c.init_vision) / parts["vision"]["weights"])
-            vision = {k.removeprefix("vision."): v for k, v in weights.items() if k.startswith("vision.")}
+            vision = {k.removeprefix("vision."): v for k, v in parts["vision"][1].items() if k.startswith("vision.")}
             try:
                 model.vision.load_state_dict(vision, strict=True)
             except RuntimeError as e:
@@ -119,6 +120,9 @@ class ImageAdapterStage:
             self._frozen["vision"] = {k: v.detach().cpu().clone() for k, v in model.vision.state_dict().items()}
         return model
 
+    def model_config(self, trunk: LlamaConfig) -> MMConfig:
+        return MMConfig(trunk=trunk, vision=self.config.vision, image_adapter=self.config.adapter)
+
     def blocks(self, model: MMLlama) -> list[nn.Module]:
         return training_blocks(model)
 
@@ -128,7 +132,8 @@ class ImageAdapterStage:
     def batches(self, runtime: Runtime, start: int) -> Iterator[dict]:
         source = ImageTextBatches(self.config.data, rank=runtime.rank, world_size=runtime.world_size)
         for batch in source.batches(start):
-            yield {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            yield {**batch, "images": batch["images"].to(runtime.device), "tokens": batch["tokens"].to(runtime.device),
+                   "labels": batch["labels"].to(runtime.device)}
 
     def n_targets(self, batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -138,8 +143,8 @@ class ImageAdapterStage:
         # <|image|> (= the vocabulary size) has no output row: it must never be a target.
         if int(labels.max()) >= model.trunk.config.vocab_size:
             raise TrainingError(f"labels hold id {int(labels.max())}, outside the output vocabulary")
-        images = {**batch, "n_images": [1] * tokens.shape[0]}
-        logits = model(tokens, images=images)  # (B, L-1, V) fp32; the whole model runs inside one forward (FSDP)
+        # (B, L-1, V) fp32; the whole model, image encoder included, runs inside one forward (FSDP)
+        logits = model(tokens, Media(images=batch["images"]))
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
     def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
@@ -148,7 +153,7 @@ class ImageAdapterStage:
         state = dict(trainable)
         if not c.train_vision:
             state |= {f"vision.{k}": v for k, v in self._frozen["vision"].items()}
-        parts = mllama_parts(state, c.vision, c.adapter)
+        parts = split_parts(state, self.model_config(self._trunk_config).part_configs())
         if c.trunk is not None:
             write_ours(out, trunk={"checkpoint": str(Path(c.trunk).resolve())}, parts=parts)
         else:
@@ -157,11 +162,10 @@ class ImageAdapterStage:
         shutil.copy2(self.tokenizer_path, out / "tokenizer.model")
 
     def load(self, ckpt: Path) -> dict[str, torch.Tensor]:
-        parts = read_index(ckpt).get("parts", {})
+        parts = read_ours_parts(ckpt)
         if not {"vision", "image_adapter"} <= parts.keys():
             raise CheckpointError(f"{ckpt}: not an image-adapter checkpoint (parts {sorted(parts)})")
-        state = dict(read_safetensors(ckpt / parts["image_adapter"]["weights"]))
-        state |= read_safetensors(ckpt / parts["vision"]["weights"])
+        state = {k: v for _, tensors in parts.values() for k, v in tensors.items()}
         if not self.config.train_vision:  # saved alongside, but not trained: the loop restores trainables only
             state = {k: v for k, v in state.items() if not k.startswith("vision.")}
         return state

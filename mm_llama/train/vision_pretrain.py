@@ -8,7 +8,7 @@ learnable temperature and `ClipLoss`. Everything trains.
 Each checkpoint directory is in mm-llama's format with no trunk and two parts: "vision" (`vision.*`, the
 `VisionEncoder` state, with its `VisionConfig`: the same part the image-adapter stage writes) and "clip_heads"
 (`image_head.*` and the open_clip text tower `clip.*`, incl. `clip.logit_scale`), so a later stage can start its ViT
-from the "vision" part. (Starting `image-adapter` from it, an `init_vision` path, is a follow-up.)
+from the "vision" part (`image-adapter`'s `init_vision`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.vision import VisionConfig, VisionEncoder
-from mm_llama.checkpoints.ours import read_index, read_safetensors, write_ours
+from mm_llama.checkpoints.ours import read_ours_parts, write_ours
+from mm_llama.config import to_dict
 from mm_llama.data.image import ImageDataConfig
 from mm_llama.data.image_text import ImageCaptionBatches
 from mm_llama.errors import CheckpointError, ConfigError
+from mm_llama.model import SEMANTICS_FIELDS
 from mm_llama.train.distributed import Runtime
 from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
 
@@ -174,15 +176,15 @@ class VisionPretrainStage:
     def batches(self, runtime: Runtime, start: int) -> Iterator[dict]:
         source = ImageCaptionBatches(self.config.data, rank=runtime.rank, world_size=runtime.world_size)
         for batch in source.batches(start):
-            yield {**batch, "pixel_values": batch["pixel_values"].to(runtime.device),
-                   "aspect_ratio_ids": batch["aspect_ratio_ids"].to(runtime.device),
+            yield {**batch, "images": batch["images"].to(runtime.device),
                    "text": self.tokenizer(batch["captions"]).to(runtime.device)}  # (B, context_length)
 
     def n_targets(self, batch: dict) -> int:
         return len(batch["captions"])
 
     def loss(self, model: ContrastiveModel, batch: dict) -> torch.Tensor:
-        image, text, scale = model(batch["pixel_values"], batch["aspect_ratio_ids"], batch["text"])
+        images = batch["images"]
+        image, text, scale = model(images.pixel_values, images.aspect_ratio_ids, batch["text"])
         # ClipLoss is a mean over the batch (both directions averaged); the loop wants a sum over the targets.
         return self._loss(image.float(), text.float(), scale.float()) * len(batch["captions"])
 
@@ -192,17 +194,17 @@ class VisionPretrainStage:
         heads = {k: v for k, v in trainable.items() if k.startswith(("image_head.", "clip."))}
         if rest := sorted(trainable.keys() - vision.keys() - heads.keys()):
             raise CheckpointError(f"tensors {rest[:5]} belong to no part of the vision-pretrain checkpoint")
-        vision_config = {k: v for k, v in c.vision.to_dict().items() if k != "intermediate_mode"}  # as mllama_parts
+        # The same "vision" part the image-adapter stage writes (semantics fields are chosen when loading).
+        vision_config = {k: v for k, v in to_dict(c.vision).items() if k not in SEMANTICS_FIELDS["vision"]}
         heads_config = {"text_model": c.text_model, "text_cfg": c.text_cfg or {},
                         "embed_dim": int(heads["image_head.proj.weight"].shape[0])}
         write_ours(out, trunk={}, parts={"vision": (vision_config, vision), "clip_heads": (heads_config, heads)})
 
     def load(self, ckpt: Path) -> dict[str, torch.Tensor]:
-        parts = read_index(ckpt).get("parts", {})
+        parts = read_ours_parts(ckpt)
         if not {"vision", "clip_heads"} <= parts.keys():
             raise CheckpointError(f"{ckpt}: not a vision-pretrain checkpoint (parts {sorted(parts)})")
-        return {**read_safetensors(ckpt / parts["vision"]["weights"]),
-                **read_safetensors(ckpt / parts["clip_heads"]["weights"])}
+        return {**parts["vision"][1], **parts["clip_heads"][1]}
 
 
 def main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False) -> TrainResult:

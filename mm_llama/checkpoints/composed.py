@@ -1,0 +1,152 @@
+"""Every checkpoint directory as a composed model (`MMLlama`): detection, strict loading, writing, conversion.
+
+| format | trunk only | with parts |
+| --- | --- | --- |
+| Meta | `params.json` + `consolidated.NN.pth` (`meta.py`) | Llama 3.2 Vision: `vision_*` fields (`mllama_meta.py`) |
+| Hugging Face | `config.json`, model_type "llama" (`hf.py`) | Mllama: model_type "mllama" (`mllama_hf.py`) |
+| mm-llama | `mm_llama.json` with a trunk | any parts (`ours.py`), the trunk stored or referenced |
+
+Each reader gives (`MMConfig`, state dict with `MMLlama`'s names); one loader builds the model on the meta device and
+assigns the memory-mapped tensors strictly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from mm_llama.checkpoints.common import read_json
+from mm_llama.checkpoints.hf import HF_CONFIG
+from mm_llama.checkpoints.mllama_hf import read_hf_mllama, write_hf_mllama
+from mm_llama.checkpoints.mllama_meta import is_meta_mllama, read_meta_mllama, write_meta_mllama
+from mm_llama.checkpoints.ours import OURS_INDEX, read_ours_parts, read_ours_trunk, split_parts, write_ours
+from mm_llama.checkpoints.trunk import (
+    atomic_directory,
+    check_state_dict,
+    check_tokenizer_vocab,
+    detect_format,
+    read_checkpoint,
+    tokenizer_candidates,
+    write_trunk,
+)
+from mm_llama.errors import CheckpointError
+from mm_llama.model import MMConfig, MMLlama
+
+FORMATS = ("meta", "hf", "ours")
+
+
+def is_hf_mllama(path: Path) -> bool:
+    return (path / HF_CONFIG).is_file() and read_json(path / HF_CONFIG).get("model_type") == "mllama"
+
+
+def read_composed(path: Path, *, hf_compat: bool = False) -> tuple[str, MMConfig, dict[str, torch.Tensor]]:
+    """(format, config with the chosen semantics, `MMLlama` state dict) of any checkpoint directory; tensors stay
+    memory-mapped where the format allows."""
+    fmt = detect_format(path)
+    if fmt == "ours":
+        config, state = read_ours_composed(path)
+    elif fmt == "meta" and is_meta_mllama(path):
+        config, state = read_meta_mllama(path)
+    elif fmt == "hf" and is_hf_mllama(path):
+        config, state = read_hf_mllama(path)
+    else:
+        _, trunk, trunk_state = read_checkpoint(path)
+        config, state = MMConfig(trunk=trunk), {f"trunk.{k}": v for k, v in trunk_state.items()}
+    return fmt, config.with_semantics(hf_compat), state
+
+
+def read_ours_composed(path: Path) -> tuple[MMConfig, dict[str, torch.Tensor]]:
+    """An mm-llama directory: its trunk (stored here or read from the checkpoint it refers to) and every part."""
+    index = path / OURS_INDEX
+    trunk_entry = read_ours_trunk(path)
+    if isinstance(trunk_entry, Path):
+        if not trunk_entry.is_dir():
+            raise CheckpointError(f"{index}: the trunk checkpoint it refers to, {trunk_entry}, does not exist")
+        trunk, trunk_state = read_checkpoint(trunk_entry)[1:]
+    else:
+        trunk, trunk_state = trunk_entry
+    state = {f"trunk.{k}": v for k, v in trunk_state.items()}
+    configs = {}
+    for name, (config, tensors) in read_ours_parts(path).items():
+        if config is not None:
+            configs[name] = config
+        if overlap := sorted(state.keys() & tensors.keys()):
+            raise CheckpointError(f"{index}: part {name!r} repeats tensors {overlap[:5]}")
+        state |= tensors
+    return MMConfig.from_parts(trunk, configs, source=str(index)), state
+
+
+def load_mmllama(path: str | Path, *, hf_compat: bool = False, dtype: torch.dtype | None = torch.bfloat16,
+                 device: torch.device | str = "cpu") -> MMLlama:
+    """`MMLlama.from_pretrained`: any checkpoint directory, built on the meta device and assign-loaded strictly."""
+    path = Path(path)
+    fmt, config, state = read_composed(path, hf_compat=hf_compat)
+    check_tokenizer_vocab(path, config.trunk)
+    with torch.device("meta"):
+        model = MMLlama(config)
+    tied = config.trunk.tie_embeddings
+    if tied and "trunk.output.weight" in state:
+        if not torch.equal(state["trunk.output.weight"], state["trunk.tok_embeddings.weight"]):
+            raise CheckpointError(f"{path}: tie_embeddings is set but output.weight differs from tok_embeddings")
+        del state["trunk.output.weight"]
+    check_state_dict(state, model, f"{path} ({fmt} format)", tied="trunk.output.weight" if tied else None)
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+             for k, v in state.items()}
+    if tied:
+        state["trunk.output.weight"] = state["trunk.tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.trunk.tie_weights()
+    model.trunk.reset_rope()
+    model.source = path
+    return model.eval()
+
+
+def model_state(model: MMLlama) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores (a tied output head is stored once, as the embedding)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.trunk.tie_embeddings:
+        state.pop("trunk.output.weight")
+    return state
+
+
+def write_composed(state: dict[str, torch.Tensor], config: MMConfig, out: Path, *, fmt: str, n_shards: int = 1,
+                   extra_files: tuple[Path, ...] = ()) -> None:
+    """Write an `MMLlama` state dict as a Meta, HF or mm-llama directory: all or nothing (temp dir + rename)."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; accepted: {', '.join(map(repr, FORMATS))}")
+    if fmt != "meta" and n_shards != 1:
+        raise CheckpointError(f"n_shards={n_shards}: model-parallel shards exist only in Meta's format")
+    trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("trunk.")}
+    with atomic_directory(Path(out)) as tmp:
+        if fmt == "ours":
+            write_ours(tmp, trunk={"config": config.trunk.to_dict()}, trunk_weights=trunk_state,
+                       parts=split_parts(rest, config.part_configs()))
+        elif not config.has_media:
+            write_trunk(trunk_state, config.trunk, tmp, fmt=fmt, n_shards=n_shards)
+        elif fmt == "meta":
+            write_meta_mllama(state, config, tmp, n_shards)
+        else:
+            write_hf_mllama(state, config, tmp)
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / extra.name)
+
+
+def save_mmllama(model: MMLlama, out: str | Path, *, fmt: str = "ours", n_shards: int = 1) -> None:
+    """Write `model` as a Meta ("meta", `n_shards` model-parallel files), Hugging Face ("hf") or mm-llama ("ours")
+    directory, atomically (`out` must not exist). Meta's and HF's formats hold a trunk or Llama 3.2 Vision."""
+    write_composed(model_state(model), model.config, Path(out), fmt=fmt, n_shards=n_shards)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = None, n_shards: int = 1) -> str:
+    """Convert a checkpoint directory Meta <-> HF <-> ours without changing a bit of the weights that any input
+    reaches; returns the format written (by default Meta -> HF, anything else -> Meta). A tokenizer.model next to
+    the weights is copied along."""
+    src = Path(src)
+    fmt, config, state = read_composed(src)
+    to = to or ("hf" if fmt == "meta" else "meta")
+    extras = tuple(p for p in tokenizer_candidates(src) if p.is_file())[:1]
+    write_composed(state, config, Path(dst), fmt=to, n_shards=n_shards, extra_files=extras)
+    return to

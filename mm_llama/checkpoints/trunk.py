@@ -1,0 +1,150 @@
+"""Llama 3 trunk checkpoints (`Llama`) in the three formats, and what every loader shares: format detection, the
+strict state-dict check, atomic output directories, the tokenizer beside the weights."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from mm_llama.checkpoints.hf import HF_CONFIG, read_hf, write_hf
+from mm_llama.checkpoints.meta import META_PARAMS, read_meta, write_meta
+from mm_llama.checkpoints.ours import OURS_INDEX, read_ours_trunk, write_ours
+from mm_llama.errors import CheckpointError
+from mm_llama.llama import Llama, LlamaConfig
+from mm_llama.tokenizer import TOKENIZER_PLACES, find_tokenizer
+
+
+def detect_format(path: str | Path) -> str:
+    """"ours" (mm_llama.json), "meta" (params.json) or "hf" (config.json with safetensors) for a directory."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise CheckpointError(f"{path}: not a checkpoint directory ({what}); accepted: a Meta directory (params.json "
+                              "+ consolidated.NN.pth), a Hugging Face one (config.json + *.safetensors) or an "
+                              "mm-llama one (mm_llama.json)")
+    if (path / OURS_INDEX).is_file():
+        return "ours"
+    if (path / META_PARAMS).is_file():
+        return "meta"
+    if (path / HF_CONFIG).is_file():
+        return "hf"
+    raise CheckpointError(f"{path}: none of {META_PARAMS} (Meta format), {HF_CONFIG} (Hugging Face format) or "
+                          f"{OURS_INDEX} (mm-llama format) found")
+
+
+def read_checkpoint(path: str | Path) -> tuple[str, LlamaConfig, dict[str, torch.Tensor]]:
+    """(format, config, state dict with Meta names) of a checkpoint directory; tensors stay lazy where possible."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "ours":
+        trunk = read_ours_trunk(path)
+        if isinstance(trunk, Path):  # an adapter checkpoint: the trunk lives in the checkpoint it refers to
+            return read_checkpoint(trunk)
+        return (fmt, *trunk)
+    config, state = read_meta(path) if fmt == "meta" else read_hf(path)
+    return fmt, config, state
+
+
+def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str, *,
+                     tied: str | None = None) -> None:
+    """Strict key and shape check against `model`, with a message that names the source and the first problems.
+    `tied`: the key of a tied output head, which checkpoints need not carry."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if tied is not None:
+        expected.pop(tied)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: state dict does not match the config: missing {missing[:6]}"
+                              f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                              f"{' ...' if len(unexpected) > 6 else ''}")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, the config implies "
+                                  f"{tuple(shape)}")
+
+
+def tokenizer_candidates(path: Path) -> tuple[Path, ...]:
+    """Where a checkpoint directory may keep its tokenizer.model (HF repositories put Meta's files under original/)."""
+    return tuple(path / place for place in TOKENIZER_PLACES)
+
+
+def check_tokenizer_vocab(path: Path, config: LlamaConfig) -> None:
+    """A tokenizer.model shipped in the checkpoint directory must match the embedding table."""
+    candidate = find_tokenizer(path)
+    if candidate is not None:
+        from mm_llama.tokenizer import Tokenizer
+
+        n_words = Tokenizer.from_file(candidate).n_words
+        if n_words != config.vocab_size:
+            raise CheckpointError(f"{path}: vocab_size {config.vocab_size} in the config differs from the "
+                                  f"{n_words} tokens of {candidate}")
+
+
+def load_llama(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
+               device: torch.device | str = "cpu") -> Llama:
+    """Build a `Llama` from a Meta or HF checkpoint directory: meta-device construction, strict assign-load.
+
+    Args:
+        dtype: parameter dtype (None keeps the checkpoint's).
+        device: where the weights go.
+    """
+    path = Path(path)
+    fmt, config, state = read_checkpoint(path)
+    check_tokenizer_vocab(path, config)
+    with torch.device("meta"):
+        model = Llama(config)
+    check_state_dict(state, model, f"{path} ({fmt} format)", tied="output.weight" if config.tie_embeddings else None)
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+             for k, v in state.items()}
+    if config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.reset_rope()
+    return model
+
+
+def save_llama(model: Llama, out: str | Path, *, fmt: str = "meta", n_shards: int = 1) -> None:
+    """Write `model` as a Meta or HF checkpoint directory (atomically: a temporary directory, then a rename)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("output.weight")
+    if fmt not in ("meta", "hf", "ours"):
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; accepted: 'meta', 'hf', 'ours'")
+    with atomic_directory(Path(out)) as tmp:
+        write_trunk(state, model.config, tmp, fmt=fmt, n_shards=n_shards)
+
+
+def write_trunk(state: dict[str, torch.Tensor], config: LlamaConfig, out: Path, *, fmt: str, n_shards: int = 1
+                ) -> None:
+    """Write a trunk's Meta-named state dict into the (existing, empty) directory `out` in format `fmt`."""
+    if fmt == "meta":
+        write_meta(state, config, out, n_shards)
+    elif fmt == "hf":
+        write_hf(state, config, out)
+    else:
+        write_ours(out, trunk={"config": config.to_dict()}, trunk_weights=state)
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """A temporary directory beside `out` (which must not exist), renamed to `out` when the block succeeds and
+    removed when it fails: a checkpoint directory appears whole or not at all."""
+    if out.exists():
+        raise CheckpointError(f"{out}: already exists; choose a new output directory")
+    # The temporary directory sits beside the target so that the final rename stays on one filesystem.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
