@@ -132,8 +132,3 @@ def split_parts(state: dict[str, torch.Tensor], configs: dict[str, dict]
     if missing := sorted(configs.keys() - parts.keys()):
         raise CheckpointError(f"parts {missing} have a config but no tensors")
     return parts
-
-
-def has_parts(path: Path) -> bool:
-    """Whether an mm-llama directory stores parts besides (or instead of) a trunk."""
-    return (path / OURS_INDEX).is_file() and bool(read_json(path / OURS_INDEX).get("parts"))
