@@ -53,8 +53,6 @@ def image_inputs(tokens: Sequence[Sequence[int]], images: Images, projected: tor
             computes its own from `projected` inside its forward (training).
     """
     tokens_per_tile = projected.shape[1] // (images.tile_mask.shape[1] * images.tile_mask.shape[2])
-    if adapter is None:
-        return cross_attention_inputs(tokens, image_id, images.n_images, images.tile_mask, tokens_per_tile,
-                                      source=projected)
+    kv = adapter.kv(projected) if adapter is not None else None
     return cross_attention_inputs(tokens, image_id, images.n_images, images.tile_mask, tokens_per_tile,
-                                  kv=adapter.kv(projected))
+                                  source=projected if kv is None else None, kv=kv)

@@ -39,6 +39,13 @@ from mm_llama.media import Media, MediaState, Splice
 SEMANTICS_FIELDS = {"vision": ("intermediate_mode", "hf_padding_images"), "image_adapter": ("mask_attention_rows",)}
 
 
+def stored_part_config(name: str, config) -> dict:
+    """Part `name`'s config dataclass as mm-llama's checkpoint format stores it: plain values, no semantics fields."""
+    from mm_llama.config import to_dict
+
+    return {k: v for k, v in to_dict(config).items() if k not in SEMANTICS_FIELDS.get(name, ())}
+
+
 @dataclass(kw_only=True)
 class MMConfig:
     """The composed model: the trunk and each optional part.
@@ -73,14 +80,8 @@ class MMConfig:
 
     def part_configs(self) -> dict[str, dict]:
         """Each present part's config as stored by mm-llama's checkpoint format (semantics fields left out)."""
-        from mm_llama.config import to_dict
-
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name != "trunk" and value is not None:
-                out[f.name] = {k: v for k, v in to_dict(value).items() if k not in SEMANTICS_FIELDS.get(f.name, ())}
-        return out
+        return {f.name: stored_part_config(f.name, getattr(self, f.name)) for f in fields(self)
+                if f.name != "trunk" and getattr(self, f.name) is not None}
 
     @classmethod
     def from_parts(cls, trunk: LlamaConfig, parts: Mapping[str, Mapping], *, source: str) -> MMConfig:
@@ -169,7 +170,8 @@ class MMLlama(nn.Module):
         return self.config.trunk.vocab_size + (N_MEDIA_ROWS if self.media is not None else 0)
 
     def parts(self) -> dict[str, nn.Module]:
-        """Every part but the trunk, by name: one entry each in mm-llama's checkpoint format."""
+        """Every part but the trunk, by name: one entry each in mm-llama's checkpoint format (whose writer groups a
+        state dict by the same top-level names, `checkpoints.ours.split_parts`)."""
         return {name: module for name, module in self.named_children() if name != "trunk"}
 
     def encoders(self) -> dict[str, nn.Module]:

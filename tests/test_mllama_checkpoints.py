@@ -108,6 +108,7 @@ def test_cli_converts_vision_checkpoints(hub, tmp_path):
     index = json.loads((tmp_path / "ours" / "mm_llama.json").read_text())
     # One part per module of MMLlama besides the trunk; configs where the part has one (semantics never stored).
     assert set(index["parts"]) == {"vision", "vision_projection", "image_adapter", "media"}
+    assert set(index["parts"]) == set(MMLlama.from_pretrained(hub[0], dtype=F32).parts())
     assert "config" not in index["parts"]["media"] and index["parts"]["image_adapter"]["config"] == {
         "n_layers": 2, "layers": None}
     assert "intermediate_mode" not in index["parts"]["vision"]["config"]

@@ -11,6 +11,7 @@ from mm_llama.checkpoints.composed import convert_checkpoint, load_mmllama, read
 from mm_llama.checkpoints.hf import meta_to_hf_state, permute_rope, unpermute_rope, write_hf
 from mm_llama.checkpoints.meta import merge_meta_shards, split_meta_shards
 from mm_llama.checkpoints.trunk import (
+    assign_state,
     atomic_directory,
     check_state_dict,
     check_tokenizer_vocab,
@@ -22,7 +23,7 @@ from mm_llama.checkpoints.trunk import (
     write_trunk,
 )
 
-__all__ = ["atomic_directory", "check_state_dict", "check_tokenizer_vocab", "convert_checkpoint", "detect_format",
-           "load_llama", "load_mmllama", "merge_meta_shards", "meta_to_hf_state", "permute_rope", "read_checkpoint",
-           "read_composed", "save_llama", "save_mmllama", "split_meta_shards", "tokenizer_candidates",
-           "unpermute_rope", "write_hf", "write_trunk"]
+__all__ = ["assign_state", "atomic_directory", "check_state_dict", "check_tokenizer_vocab", "convert_checkpoint",
+           "detect_format", "load_llama", "load_mmllama", "merge_meta_shards", "meta_to_hf_state", "permute_rope",
+           "read_checkpoint", "read_composed", "save_llama", "save_mmllama", "split_meta_shards",
+           "tokenizer_candidates", "unpermute_rope", "write_hf", "write_trunk"]

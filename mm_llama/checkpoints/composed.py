@@ -23,8 +23,8 @@ from mm_llama.checkpoints.mllama_hf import read_hf_mllama, write_hf_mllama
 from mm_llama.checkpoints.mllama_meta import is_meta_mllama, read_meta_mllama, write_meta_mllama
 from mm_llama.checkpoints.ours import OURS_INDEX, read_ours_parts, read_ours_trunk, split_parts, write_ours
 from mm_llama.checkpoints.trunk import (
+    assign_state,
     atomic_directory,
-    check_state_dict,
     check_tokenizer_vocab,
     detect_format,
     read_checkpoint,
@@ -86,29 +86,12 @@ def load_mmllama(path: str | Path, *, hf_compat: bool = False, dtype: torch.dtyp
     check_tokenizer_vocab(path, config.trunk)
     with torch.device("meta"):
         model = MMLlama(config)
-    tied = config.trunk.tie_embeddings
-    if tied and "trunk.output.weight" in state:
-        if not torch.equal(state["trunk.output.weight"], state["trunk.tok_embeddings.weight"]):
-            raise CheckpointError(f"{path}: tie_embeddings is set but output.weight differs from tok_embeddings")
-        del state["trunk.output.weight"]
-    check_state_dict(state, model, f"{path} ({fmt} format)", tied="trunk.output.weight" if tied else None)
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
-             for k, v in state.items()}
-    if tied:
-        state["trunk.output.weight"] = state["trunk.tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    assign_state(model, state, f"{path} ({fmt} format)", tied=config.trunk.tie_embeddings, prefix="trunk.",
+                 dtype=dtype, device=device)
     model.trunk.tie_weights()
     model.trunk.reset_rope()
     model.source = path
     return model.eval()
-
-
-def model_state(model: MMLlama) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores (a tied output head is stored once, as the embedding)."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.config.trunk.tie_embeddings:
-        state.pop("trunk.output.weight")
-    return state
 
 
 def write_composed(state: dict[str, torch.Tensor], config: MMConfig, out: Path, *, fmt: str, n_shards: int = 1,
@@ -137,7 +120,10 @@ def write_composed(state: dict[str, torch.Tensor], config: MMConfig, out: Path, 
 def save_mmllama(model: MMLlama, out: str | Path, *, fmt: str = "ours", n_shards: int = 1) -> None:
     """Write `model` as a Meta ("meta", `n_shards` model-parallel files), Hugging Face ("hf") or mm-llama ("ours")
     directory, atomically (`out` must not exist). Meta's and HF's formats hold a trunk or Llama 3.2 Vision."""
-    write_composed(model_state(model), model.config, Path(out), fmt=fmt, n_shards=n_shards)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.trunk.tie_embeddings:  # stored once, as the embedding
+        state.pop("trunk.output.weight")
+    write_composed(state, model.config, Path(out), fmt=fmt, n_shards=n_shards)
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = None, n_shards: int = 1) -> str:

@@ -48,7 +48,7 @@ from mm_llama.checkpoints.meta import (
 )
 from mm_llama.errors import CheckpointError, ConfigError
 from mm_llama.llama import LlamaConfig
-from mm_llama.model import MMConfig
+from mm_llama.model import MMConfig, stored_part_config
 
 # Meta prefix -> our prefix; the first match wins, so the specific text_model.* entries come before the trunk's.
 META_TO_OURS: list[tuple[str, str]] = [
@@ -198,10 +198,9 @@ def meta_mllama_params(config: MMConfig) -> dict:
                               "applies; write the 'hf' or 'ours' format instead")
     params = trunk.to_dict() | {"vision_chunk_size": vision.tile_size, "vision_max_num_chunks": vision.max_tiles,
                                 "vision_num_cross_attention_layers": cross.n_layers}
-    ours = config.part_configs()["vision"]  # without the load-time semantics fields
-    preset = MMConfig(trunk=trunk, vision=VisionConfig.preset("3.2-11B", tile_size=vision.tile_size,
-                                                              max_tiles=vision.max_tiles), image_adapter=cross)
-    if ours != preset.part_configs()["vision"]:
+    ours = stored_part_config("vision", vision)  # without the load-time semantics fields
+    preset = VisionConfig.preset("3.2-11B", tile_size=vision.tile_size, max_tiles=vision.max_tiles)
+    if ours != stored_part_config("vision", preset):
         params[OUR_VISION_KEY] = ours | {"intermediate_layers": list(vision.intermediate_layers)}
     return params
 

@@ -87,11 +87,10 @@ def read_ours_parts(path: Path) -> dict[str, tuple[dict | None, dict[str, torch.
 
 def _upgrade_v1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Version 1 kept the ViT's tile embeddings as Meta's grids; version 2 keeps per-aspect-ratio tables."""
-    from encoders.vision import TILE_TABLE_KEYS
     from encoders.vision_blocks import grid_to_table
+    from mm_llama.checkpoints.mllama_meta import TILE_TABLES
 
-    grids = {f"vision.{k}" for k in TILE_TABLE_KEYS}
-    return {k: grid_to_table(v) if k in grids else v for k, v in tensors.items()}
+    return {k: grid_to_table(v) if k in TILE_TABLES else v for k, v in tensors.items()}
 
 
 def write_ours(out: Path, *, trunk: dict, parts: dict[str, tuple[dict | None, dict[str, torch.Tensor]]] | None = None,

@@ -85,6 +85,25 @@ def check_tokenizer_vocab(path: Path, config: LlamaConfig) -> None:
                                   f"{n_words} tokens of {candidate}")
 
 
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *, tied: bool,
+                 prefix: str = "", dtype: torch.dtype | None, device: torch.device | str) -> None:
+    """Check `state` strictly against `model` (built on the meta device), cast and move it, and assign it. With
+    `tied` (the trunk's `tie_embeddings`) the output head under `prefix` shares the embedding; a checkpoint may carry
+    it only as an equal copy."""
+    head, embedding = f"{prefix}output.weight", f"{prefix}tok_embeddings.weight"
+    state = dict(state)
+    if tied and head in state:
+        if not torch.equal(state[head], state[embedding]):
+            raise CheckpointError(f"{source}: tie_embeddings is set but output.weight differs from tok_embeddings")
+        del state[head]
+    check_state_dict(state, model, source, tied=head if tied else None)
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+             for k, v in state.items()}
+    if tied:
+        state[head] = state[embedding]
+    model.load_state_dict(state, strict=True, assign=True)
+
+
 def load_llama(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
                device: torch.device | str = "cpu") -> Llama:
     """Build a `Llama` from a Meta or HF checkpoint directory: meta-device construction, strict assign-load.
@@ -98,12 +117,7 @@ def load_llama(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
     check_tokenizer_vocab(path, config)
     with torch.device("meta"):
         model = Llama(config)
-    check_state_dict(state, model, f"{path} ({fmt} format)", tied="output.weight" if config.tie_embeddings else None)
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
-             for k, v in state.items()}
-    if config.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    assign_state(model, state, f"{path} ({fmt} format)", tied=config.tie_embeddings, dtype=dtype, device=device)
     model.tie_weights()
     model.reset_rope()
     return model

@@ -84,7 +84,7 @@ class ImageAdapterStage:
 
         self.n_words = Tokenizer.from_file(self.tokenizer_path).n_words
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}  # part -> frozen weights to store with each checkpoint
-        self._trunk_config: LlamaConfig | None = None  # known once built
+        self._model_config: MMConfig | None = None  # known once built (the trunk's config comes from its checkpoint)
 
     def build(self, runtime: Runtime) -> nn.Module:
         c = self.config
@@ -101,9 +101,9 @@ class ImageAdapterStage:
         if trunk.config.vocab_size != self.n_words:
             raise ConfigError(f"the trunk's vocab_size {trunk.config.vocab_size} differs from the {self.n_words} "
                               f"tokens of {self.tokenizer_path}")
-        self._trunk_config = trunk.config
+        self._model_config = MMConfig(trunk=trunk.config, vision=c.vision, image_adapter=c.adapter)
         with torch.device(runtime.device):
-            model = MMLlama(self.model_config(trunk.config), trunk=trunk)
+            model = MMLlama(self._model_config, trunk=trunk)
         if c.init_vision is not None:
             parts = read_ours_parts(Path(c.init_vision))
             if "vision" not in parts:
@@ -119,9 +119,6 @@ class ImageAdapterStage:
             model.vision.requires_grad_(False)
             self._frozen["vision"] = {k: v.detach().cpu().clone() for k, v in model.vision.state_dict().items()}
         return model
-
-    def model_config(self, trunk: LlamaConfig) -> MMConfig:
-        return MMConfig(trunk=trunk, vision=self.config.vision, image_adapter=self.config.adapter)
 
     def blocks(self, model: MMLlama) -> list[nn.Module]:
         return training_blocks(model)
@@ -153,7 +150,7 @@ class ImageAdapterStage:
         state = dict(trainable)
         if not c.train_vision:
             state |= {f"vision.{k}": v for k, v in self._frozen["vision"].items()}
-        parts = split_parts(state, self.model_config(self._trunk_config).part_configs())
+        parts = split_parts(state, self._model_config.part_configs())
         if c.trunk is not None:
             write_ours(out, trunk={"checkpoint": str(Path(c.trunk).resolve())}, parts=parts)
         else:

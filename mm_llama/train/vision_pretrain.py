@@ -25,11 +25,10 @@ from torch import nn
 
 from encoders.vision import VisionConfig, VisionEncoder
 from mm_llama.checkpoints.ours import read_ours_parts, write_ours
-from mm_llama.config import to_dict
 from mm_llama.data.image import ImageDataConfig
 from mm_llama.data.image_text import ImageCaptionBatches
 from mm_llama.errors import CheckpointError, ConfigError
-from mm_llama.model import SEMANTICS_FIELDS
+from mm_llama.model import stored_part_config
 from mm_llama.train.distributed import Runtime
 from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
 
@@ -195,7 +194,7 @@ class VisionPretrainStage:
         if rest := sorted(trainable.keys() - vision.keys() - heads.keys()):
             raise CheckpointError(f"tensors {rest[:5]} belong to no part of the vision-pretrain checkpoint")
         # The same "vision" part the image-adapter stage writes (semantics fields are chosen when loading).
-        vision_config = {k: v for k, v in to_dict(c.vision).items() if k not in SEMANTICS_FIELDS["vision"]}
+        vision_config = stored_part_config("vision", c.vision)
         heads_config = {"text_model": c.text_model, "text_cfg": c.text_cfg or {},
                         "embed_dim": int(heads["image_head.proj.weight"].shape[0])}
         write_ours(out, trunk={}, parts={"vision": (vision_config, vision), "clip_heads": (heads_config, heads)})
