@@ -231,17 +231,76 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tok_path, num_workers, ca
         assert len(caplog.records) == 1  # rate-limited: one warning per 5 s
 
 
-@pytest.mark.parametrize(("num_workers", "resampled"), [(0, False), (2, False), (2, True)])
-def test_too_many_bad_samples_raise(tmp_path, tok_path, num_workers, resampled):
+@pytest.mark.parametrize(("num_workers", "resampled", "shuffle_buffer"),
+                         [(0, False, 0), (2, False, 0), (2, True, 0), (0, True, 5), (2, True, 5)])
+def test_too_many_bad_samples_raise(tmp_path, tok_path, num_workers, resampled, shuffle_buffer):
     samples = [f"good {i}" for i in range(10)]
     samples[2:2] = [{"txt": b"\xff bad"}] * 2
     write_shards(tmp_path / "d", [samples], prefix="broken")
-    cfg = config(tmp_path / "d", tok_path, num_workers=num_workers, resampled=resampled)
+    cfg = config(tmp_path / "d", tok_path, num_workers=num_workers, resampled=resampled,
+                 shuffle_buffer=shuffle_buffer)
     with pytest.raises(DataError) as info:
         list(itertools.islice(TextBatches(cfg).batches(), 50))
     message = str(info.value)
     assert message.startswith("too many bad samples: 2 of 4 read") and "Traceback" not in message
     assert "broken-000000.tar" in message and "not UTF-8" in message
+
+
+def one_damaged_shard(folder: Path) -> Path:
+    """Two shards of 200 samples; in the second a corrupt header loses sample 10 (one damaged region)."""
+    paths = write_shards(folder, [[f"doc {s}-{i}" for i in range(200)] for s in range(2)])
+    corrupt_header(paths[1], "001000010.txt")
+    return folder
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resampled_damage_is_counted_at_every_read(tmp_path, tok_path, num_workers):
+    folder = one_damaged_shard(tmp_path / "d")
+    cfg = config(folder, tok_path, batch_size=5, resampled=True, num_workers=num_workers, max_skip_fraction=0.01)
+    tok = Tokenizer.from_file(tok_path)
+    plain = take(TextBatches(cfg), 240)
+    texts = [t for b in plain for t in texts_of(b, tok)]
+    # Without a shuffle buffer a skip arrives with the sample read next: the one after the damage, in the same shard.
+    passes = texts.count("doc 1-11")
+    assert passes >= 2 and "doc 1-10" not in texts  # the damaged shard was drawn again and again
+    assert sum(b["skipped"] for b in plain) == passes
+    # The demo configs' case: a shuffle buffer larger than a shard reads the damage several times before the first
+    # batch; each read counts, as a fraction of all that was read (buffer included), and the run goes on.
+    shuffled = TextDataConfig(**{**cfg.__dict__, "shuffle_buffer": 500})
+    fresh = take(TextBatches(shuffled), 240)
+    skipped = sum(b["skipped"] for b in fresh)
+    # The same shard draws as without the buffer, read up to one buffer (per worker) further ahead.
+    ahead = take(TextBatches(cfg), 240 + 2 * 500 // 5)
+    assert passes <= skipped <= sum(t == "doc 1-11" for b in ahead for t in texts_of(b, tok))
+    assert sum(b["skipped"] for b in fresh[:1]) >= 2  # what used to stop the run: "2 of 2 read were skipped"
+    assert_same(take(TextBatches(shuffled), 240 - 37, start=37), fresh[37:])
+
+
+def test_skip_fraction_counts_what_was_read(tmp_path, tok_path):
+    # Two workers, one shard each, 2 % bad: each worker is within its own limit (the other's samples count too), but
+    # together they are over 1 %, so the main process raises, with the samples really read: the shuffle buffers' too.
+    sb, bad_at = 10, {49, 99, 149, 199, 249, 299}
+    shard = [{"txt": b"\xff bad"} if i in bad_at else f"good {i}" for i in range(300)]
+    write_shards(tmp_path / "d", [shard, shard], prefix="broken")
+    cfg = config(tmp_path / "d", tok_path, num_workers=2, shuffle_buffer=sb, max_skip_fraction=0.01)
+    with pytest.raises(DataError) as info:
+        list(TextBatches(cfg).batches())
+    flags = [i in bad_at for i in range(300)]
+    goods = [i for i, bad in enumerate(flags) if not bad]
+
+    def read_by(item: int) -> tuple[int, int]:
+        """(read, skipped) of one worker as it hands out its `item`-th sample: its buffer holds sb more good ones."""
+        last = goods[sb + item - 1] if item >= 0 else -1
+        return last + 1, sum(flags[: last + 1])
+
+    # The main process takes the workers' items in turn, worker 0's i-th then worker 1's i-th (both read alike),
+    # and allows max(0.01 x read, 1 per worker).
+    held = [(a[0] + b[0], a[1] + b[1]) for i in range(100)
+            for a, b in ((read_by(i), read_by(i - 1)), (read_by(i), read_by(i)))]
+    read, skipped = next(c for c in held if c[1] > max(0.01 * c[0], 2))
+    assert str(info.value).startswith(f"too many bad samples: {skipped} of {read} read were skipped "
+                                      f"({skipped / read:.2%}); max_skip_fraction=0.01 tolerates at most "
+                                      "max(0.01 x samples read, 2)")
 
 
 def test_skip_limit_rule():
@@ -264,6 +323,11 @@ def test_skip_limit_rule():
     strict = SkipCounter(0.0, warn_every=None)
     with pytest.raises(DataError):
         strict.bad("s.tar", "x")
+    workers = SkipCounter(0.01, streams=2, warn_every=None)  # the main process over 2 workers' reports
+    workers.add(11, 1, "s.tar", "x")
+    workers.add(11, 1, "s.tar", "x")  # one per worker is tolerated
+    with pytest.raises(DataError, match=r"3 of 122 read .* max\(0.01 x samples read, 2\)"):
+        workers.add(100, 1, "s.tar", "x")
 
 
 # --- pack ----------------------------------------------------------------------------------------------------------

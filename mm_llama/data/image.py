@@ -50,7 +50,7 @@ class ImageDataConfig:
         seed: seeds shard draws, the shuffle buffer and the mixed task's choice; the same config gives the same batches.
         resampled: draw shards with replacement, forever (training); false reads each shard of the rank once.
         num_workers: DataLoader worker processes (0: read in the training process).
-        max_skip_fraction: tolerated fraction of bad samples (see `mm_llama.data.pipeline.SkipCounter`).
+        max_skip_fraction: tolerated fraction of bad samples (see `mm_llama.data.skip_counter.SkipCounter`).
         task: "qa" trains on the `json` question/answer, "caption" on the `txt` caption, "mixed" on one of the two per
             sample (seeded by the sample's key; a sample with only one of them uses that one).
     """

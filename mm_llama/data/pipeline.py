@@ -15,16 +15,20 @@ yields the same batches.
 
 Skipped and counted (see `SkipCounter`): a sample `decode` rejects, a sample with a duplicate member, and each damaged
 region of a tar (a bad header up to the next good one, which loses the member it described; a damaged pax header
-still counts though its member survives), or a cut-off end.
+still counts though its member survives), or a cut-off end. Counted each time it is read: a resampled shard's damage
+again at every draw, as a fraction of all samples read (those still in the shuffle buffer included).
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
-import logging
-import math
+import functools
+import multiprocessing
+import multiprocessing.synchronize
+import os
 import random
-import time
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +39,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mm_llama.data.skip_counter import SkipCounter
 from mm_llama.data.tar_reader import Damage, read_shard
 from mm_llama.errors import DataError, InputError
 
 __all__ = ["BadSample", "ShardBatches", "ShardSamples", "SkipCounter", "check_rank", "expand_shards", "is_int",
            "iterate_batches", "shard_config_problems"]
 
-log = logging.getLogger("mm_llama.data")
+
 def is_int(value: object) -> bool:
     """A real integer (bool is not one here)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -112,63 +117,18 @@ def _is_local(shard: str) -> bool:
     return "://" not in shard and not shard.startswith("pipe:")
 
 
-class SkipCounter:
-    """Counts samples read and skipped, warns (rate-limited) and raises `DataError` when too many are skipped.
-
-    The limit: skipped > max_fraction × max(read, 1 / max_fraction). At 1 % the first bad sample is tolerated, a
-    second one within the first 200 read is not, and beyond that the plain fraction applies.
-
-    The main process applies it to all workers' counts together. A worker applies it to its own counts plus
-    `elsewhere`, an upper bound on the good samples the other workers deliver meanwhile, so it raises only where the
-    main process would (and still raises when it reads nothing but bad samples, which the main process never sees).
-
-    Args:
-        max_fraction: the tolerated fraction of skipped samples in [0, 1] (0: none at all).
-        warn_every: at most one warning per this many seconds; None for none (the main process, whose workers warn).
-    """
-
-    def __init__(self, max_fraction: float, *, warn_every: float | None = 5.0):
-        self.max_fraction, self.warn_every = max_fraction, warn_every
-        self.read = self.skipped = self.pending = 0  # pending: skipped since the last `take`
-        self.shard = self.reason = ""
-        self.elsewhere = 0
-        self._last_warning = -math.inf
-
-    def good(self) -> None:
-        self.read += 1
-
-    def bad(self, shard: str, reason: str, n: int = 1) -> None:
-        """Count `n` skipped samples of `shard`; raises `DataError` once the limit is passed."""
-        self.read, self.skipped, self.pending = self.read + n, self.skipped + n, self.pending + n
-        self.shard, self.reason = shard, reason
-        now = time.monotonic()
-        if self.warn_every is not None and now - self._last_warning >= self.warn_every:
-            self._last_warning = now
-            log.warning("skipped %d bad sample(s) of %d read so far; latest in shard %s: %s",
-                        self.skipped, self.read, shard, reason)
-        # max(f·read, 1) is f·max(read, 1/f) without the rounding of 1/f (f = 0.03 would make the floor 0.99…).
-        if self.skipped > max(self.max_fraction * (self.read + self.elsewhere), 1.0 if self.max_fraction > 0 else 0):
-            raise DataError(
-                f"too many bad samples: {self.skipped} of {self.read} read were skipped "
-                f"({self.skipped / self.read:.2%}); max_skip_fraction={self.max_fraction} tolerates at most "
-                f"max({self.max_fraction} x samples read, 1). Latest in shard {shard}: {reason}")
-
-    def take(self) -> tuple[int, str, str]:
-        """(skipped since the last call, latest shard, latest reason)."""
-        n, self.pending = self.pending, 0
-        return n, self.shard, self.reason
-
-
 @dataclass
 class _Item:
     """What a worker sends to the main process: a sample, a rotation marker, a trailing skip count or an error."""
 
     kind: str  # "sample" | "marker" | "tail" | "error"
     value: Any = None
-    skipped: int = 0  # bad samples since the worker's previous item
+    skipped: int = 0  # bad samples since the worker's previous delivered sample: the batch's "skipped"
     shard: str = ""
     reason: str = ""
-    prior: tuple[int, int] = (0, 0)  # (read, skipped) of samples this worker fast-forwarded over
+    # (read, skipped) by the worker since its previous item, for the limit: also the samples it fast-forwarded over
+    # and those now in its shuffle buffer, whose bad ones reach a batch's "skipped" only with a later sample.
+    counts: tuple[int, int] = (0, 0)
 
 
 def _share(total: int, worker: int, n_workers: int) -> int:
@@ -252,26 +212,26 @@ class ShardSamples(IterableDataset):
         if n_workers > 1 and worker < self.drop % n_workers:
             yield _Item("marker")
         to_drop = _share(self.drop, worker, n_workers)
-        counter.elsewhere = (n_workers - 1) * 2
+        # The round robin lets every other worker deliver at most one item more than this one before our next; each
+        # has read up to a shuffle buffer more than it delivered.
+        counter.elsewhere = (n_workers - 1) * (2 + self.shuffle_buffer)
         values = self._decoded(self._urls(worker, n_workers, stream_id), counter)
         if self.shuffle_buffer > 0:
             rng = random.Random(f"shuffle/{stream_id}")
             values = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(values)
-        prior, emitted = [0, 0], 0
+        emitted = 0
         for value in values:
             skipped, shard, reason = counter.take()
-            # The round robin lets every other worker deliver at most one item more than this one before our next.
             emitted += 1
-            counter.elsewhere = (n_workers - 1) * (emitted + 2)
-            if to_drop:  # fast-forward: decoded (to count bad samples) but never prepared
+            counter.elsewhere = (n_workers - 1) * (emitted + 2 + self.shuffle_buffer)
+            if to_drop:  # fast-forward: decoded (to count bad samples) but never prepared; its counts go with our next
                 to_drop -= 1
-                prior[0], prior[1] = prior[0] + 1 + skipped, prior[1] + skipped
                 continue
-            yield _Item("sample", self.prepare(value), skipped, shard, reason, prior=(prior[0], prior[1]))
-            prior = [0, 0]
+            yield _Item("sample", self.prepare(value), skipped, shard, reason, counts=counter.report())
         skipped, shard, reason = counter.take()
-        if skipped:
-            yield _Item("tail", None, skipped, shard, reason)
+        counts = counter.report()
+        if counts != (0, 0):
+            yield _Item("tail", None, skipped, shard, reason, counts=counts)
 
 
 def _items(samples: ShardSamples, num_workers: int) -> Iterator[_Item]:
@@ -281,7 +241,29 @@ def _items(samples: ShardSamples, num_workers: int) -> Iterator[_Item]:
     # Our own generator: the DataLoader draws its base seed from it instead of from torch's global RNG, whose state
     # training saves and restores. Workers use only their own seeded RNGs.
     yield from DataLoader(samples, batch_size=None, num_workers=num_workers,
+                          worker_init_fn=functools.partial(_worker_signals, _main_exiting()),
                           generator=torch.Generator().manual_seed(samples.seed))
+
+
+@functools.cache
+def _main_exiting() -> multiprocessing.synchronize.Event:
+    """Set when this (main) process exits; its DataLoader workers inherit it."""
+    event = multiprocessing.Event()
+    atexit.register(event.set)  # runs before multiprocessing's own exit hook, which terminates daemonic workers
+    return event
+
+
+def _worker_signals(main_exiting: multiprocessing.synchronize.Event, worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGINT: a scheduler signals the whole process group, and the main
+    process must checkpoint before its workers go (see `mm_llama.train.stop`). Only a SIGTERM sent while the main
+    process exits (multiprocessing terminating its daemonic children) ends the worker; without that, a worker whose
+    iterator was never shut down would make the exit wait forever."""
+    def on_term(signum, frame) -> None:
+        if main_exiting.is_set():
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def iterate_batches(samples: ShardSamples, *, batch_size: int, collate: Callable[[list], dict], num_workers: int = 0,
@@ -310,18 +292,16 @@ def iterate_batches(samples: ShardSamples, *, batch_size: int, collate: Callable
 
 def _batches(samples: ShardSamples, batch_size: int, collate: Callable[[list], dict], num_workers: int,
              to_drop: int) -> Iterator[dict]:
-    counter = SkipCounter(samples.max_skip_fraction, warn_every=None)  # all workers together; they warn themselves
+    # All workers together, as they report; the workers warn themselves.
+    counter = SkipCounter(samples.max_skip_fraction, streams=max(num_workers, 1), warn_every=None)
     rows, skipped, held = [], 0, None
     for item in _items(samples, num_workers):
         if item.kind == "error":
             raise DataError(item.reason)
-        counter.read, counter.skipped = counter.read + item.prior[0], counter.skipped + item.prior[1]
-        if item.skipped:
-            counter.bad(item.shard, item.reason, item.skipped)
+        counter.add(*item.counts, item.shard, item.reason)
         skipped += item.skipped
         if item.kind != "sample":
             continue
-        counter.good()
         if to_drop:
             to_drop, skipped = to_drop - 1, 0
             continue

@@ -31,7 +31,7 @@ class TextDataConfig:
         seed: seeds shard draws and the shuffle buffer; the same config always gives the same batches.
         resampled: draw shards with replacement, forever (training); false reads each shard of the rank once.
         num_workers: DataLoader worker processes (0: read in the training process).
-        max_skip_fraction: tolerated fraction of bad samples (see `mm_llama.data.pipeline.SkipCounter`).
+        max_skip_fraction: tolerated fraction of bad samples (see `mm_llama.data.skip_counter.SkipCounter`).
     """
 
     shards: str
