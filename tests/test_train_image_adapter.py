@@ -3,6 +3,7 @@ falls, frozen trunk (and ViT) bit-identical, checkpoints reload by name, resumab
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -141,7 +142,13 @@ def test_a_trunk_checkpoint_is_stored_by_reference(shapes, lm_trunk, tmp_path):
     assert all(2.0 < v < 3.5 for v in losses.values()), losses  # the trunk already speaks the language (~2.4)
     ckpt = latest_checkpoint(tmp_path / "run")
     index = json.loads((ckpt / "mm_llama.json").read_text())
-    assert index["trunk"] == {"checkpoint": str(lm_trunk.resolve())} and not (ckpt / "trunk.safetensors").exists()
+    assert not (ckpt / "trunk.safetensors").exists()
+    from mm_llama.checkpoints import read_checkpoint, trunk_fingerprint
+
+    _, config, trunk_state = read_checkpoint(lm_trunk)
+    assert index["trunk"] == {"checkpoint": os.path.relpath(lm_trunk.resolve(), ckpt.resolve()),
+                              "absolute": str(lm_trunk.resolve()),
+                              "fingerprint": trunk_fingerprint(trunk_state, tie_embeddings=config.tie_embeddings)}
 
 
 def test_stage_checkpoint_is_a_model_from_pretrained_loads(shapes, lm_trunk, tmp_path):

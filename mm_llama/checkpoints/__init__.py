@@ -7,7 +7,14 @@ Every loader builds the model on the meta device and fills it with `load_state_d
 memory-mapped tensors, so nothing is copied twice and a missing or extra tensor is an error naming the file.
 """
 
-from mm_llama.checkpoints.composed import convert_checkpoint, load_mmllama, read_composed, save_mmllama
+from mm_llama.checkpoints.composed import (
+    convert_checkpoint,
+    export_checkpoint,
+    load_mmllama,
+    read_composed,
+    save_mmllama,
+)
+from mm_llama.checkpoints.fingerprint import trunk_fingerprint
 from mm_llama.checkpoints.hf import meta_to_hf_state, permute_rope, unpermute_rope, write_hf
 from mm_llama.checkpoints.meta import merge_meta_shards, split_meta_shards
 from mm_llama.checkpoints.trunk import (
@@ -18,12 +25,14 @@ from mm_llama.checkpoints.trunk import (
     detect_format,
     load_llama,
     read_checkpoint,
+    read_referenced_trunk,
     save_llama,
     tokenizer_candidates,
     write_trunk,
 )
 
 __all__ = ["assign_state", "atomic_directory", "check_state_dict", "check_tokenizer_vocab", "convert_checkpoint",
-           "detect_format", "load_llama", "load_mmllama", "merge_meta_shards", "meta_to_hf_state", "permute_rope",
-           "read_checkpoint", "read_composed", "save_llama", "save_mmllama", "split_meta_shards",
-           "tokenizer_candidates", "unpermute_rope", "write_hf", "write_trunk"]
+           "detect_format", "export_checkpoint", "load_llama", "load_mmllama", "merge_meta_shards", "meta_to_hf_state",
+           "permute_rope", "read_checkpoint", "read_composed", "read_referenced_trunk", "save_llama", "save_mmllama",
+           "split_meta_shards", "tokenizer_candidates", "trunk_fingerprint", "unpermute_rope", "write_hf",
+           "write_trunk"]

@@ -7,12 +7,14 @@
 | mm-llama | `mm_llama.json` with a trunk | any parts (`ours.py`), the trunk stored or referenced |
 
 Each reader gives (`MMConfig`, state dict with `MMLlama`'s names); one loader builds the model on the meta device and
-assigns the memory-mapped tensors strictly.
+assigns the memory-mapped tensors strictly. `export_checkpoint` turns an mm-llama directory that refers to its trunk
+into a self-contained one, to copy or share alone.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,13 +23,21 @@ from mm_llama.checkpoints.common import read_json
 from mm_llama.checkpoints.hf import HF_CONFIG
 from mm_llama.checkpoints.mllama_hf import read_hf_mllama, write_hf_mllama
 from mm_llama.checkpoints.mllama_meta import is_meta_mllama, read_meta_mllama, write_meta_mllama
-from mm_llama.checkpoints.ours import OURS_INDEX, read_ours_parts, read_ours_trunk, split_parts, write_ours
+from mm_llama.checkpoints.ours import (
+    OURS_INDEX,
+    TrunkReference,
+    read_ours_parts,
+    read_ours_trunk,
+    split_parts,
+    write_ours,
+)
 from mm_llama.checkpoints.trunk import (
     assign_state,
     atomic_directory,
     check_tokenizer_vocab,
     detect_format,
     read_checkpoint,
+    read_referenced_trunk,
     tokenizer_candidates,
     write_trunk,
 )
@@ -59,12 +69,21 @@ def read_composed(path: Path, *, hf_compat: bool = False) -> tuple[str, MMConfig
 
 def read_ours_composed(path: Path) -> tuple[MMConfig, dict[str, torch.Tensor]]:
     """An mm-llama directory: its trunk (stored here or read from the checkpoint it refers to) and every part."""
+    return _read_ours(path, None)[:2]
+
+
+def _read_ours(path: Path, trunk_dir: Path | None) -> tuple[MMConfig, dict[str, torch.Tensor], Path | None]:
+    """`read_ours_composed` (with the trunk read from `trunk_dir` when given), and the trunk checkpoint directory it
+    read (None when the trunk is stored)."""
     index = path / OURS_INDEX
     trunk_entry = read_ours_trunk(path)
-    if isinstance(trunk_entry, Path):
-        if not trunk_entry.is_dir():
-            raise CheckpointError(f"{index}: the trunk checkpoint it refers to, {trunk_entry}, does not exist")
-        trunk, trunk_state = read_checkpoint(trunk_entry)[1:]
+    if isinstance(trunk_entry, TrunkReference):
+        if trunk_dir is not None:  # still verified against the reference's fingerprint
+            trunk_entry = replace(trunk_entry, candidates=(trunk_dir.resolve(),))
+        _, trunk, trunk_state, trunk_dir = read_referenced_trunk(trunk_entry)
+    elif trunk_dir is not None:
+        raise CheckpointError(f"{path}: stores its trunk's weights; a trunk directory ({trunk_dir}) is only taken "
+                              "for a checkpoint that refers to its trunk")
     else:
         trunk, trunk_state = trunk_entry
     state = {f"trunk.{k}": v for k, v in trunk_state.items()}
@@ -75,7 +94,7 @@ def read_ours_composed(path: Path) -> tuple[MMConfig, dict[str, torch.Tensor]]:
         if overlap := sorted(state.keys() & tensors.keys()):
             raise CheckpointError(f"{index}: part {name!r} repeats tensors {overlap[:5]}")
         state |= tensors
-    return MMConfig.from_parts(trunk, configs, source=str(index)), state
+    return MMConfig.from_parts(trunk, configs, source=str(index)), state, trunk_dir
 
 
 def load_mmllama(path: str | Path, *, hf_compat: bool = False, dtype: torch.dtype | None = torch.bfloat16,
@@ -136,3 +155,27 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str | None = Non
     extras = tuple(p for p in tokenizer_candidates(src) if p.is_file())[:1]
     write_composed(state, config, Path(dst), fmt=to, n_shards=n_shards, extra_files=extras)
     return to
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, *, trunk: str | Path | None = None) -> Path | None:
+    """Write the mm-llama directory `src` as a self-contained one at `dst` (which must not exist): the trunk's weights
+    and every part stored, with the tokenizer.model (`src`'s, else the trunk's), all or nothing. `dst` loads anywhere
+    on its own, with the same logits as `src`.
+
+    Args:
+        trunk: the trunk checkpoint directory to read instead of the one `src` refers to (moved, deleted by a run's
+            keep_checkpoints rotation); its weights must have the fingerprint the reference recorded (a reference
+            written before fingerprints cannot check it).
+
+    Returns:
+        The trunk checkpoint directory the weights came from, or None when `src` stored them already.
+    """
+    src, dst = Path(src), Path(dst)
+    if detect_format(src) != "ours":
+        raise CheckpointError(f"{src}: not an mm-llama directory ({OURS_INDEX}); a Meta or Hugging Face checkpoint "
+                              "is self-contained already (`mm-llama convert --to ours` rewrites it as one)")
+    config, state, trunk_dir = _read_ours(src, Path(trunk) if trunk is not None else None)
+    tokenizers = [*tokenizer_candidates(src), *(tokenizer_candidates(trunk_dir) if trunk_dir else ())]
+    extras = tuple(p for p in tokenizers if p.is_file())[:1]
+    write_composed(state, config, dst, fmt="ours", extra_files=extras)
+    return trunk_dir

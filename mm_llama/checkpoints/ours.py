@@ -2,7 +2,8 @@
 
     mm_llama.json = {"format": "mm-llama", "version": 2,
                      "trunk": {"config": {...LlamaConfig...}, "weights": "trunk.safetensors"}
-                            | {"checkpoint": "path/to/a/Meta/HF/or/mm-llama/directory"},
+                            | {"checkpoint": "../../../lm/checkpoints/step_00003000", "absolute": "/runs/lm/...",
+                               "fingerprint": "sha256-bf16-3x1024:..."},
                      "parts": {"<part>": {"config": {...}, "weights": "<part>.safetensors"}, ...}}
 
 The format is generic over parts: a part is a module of `MMLlama` other than the trunk (`MMLlama.parts()`: e.g.
@@ -12,7 +13,12 @@ the `MMConfig` field of the same name (parts such as the projection have none); 
 transformers' semantics are chosen when loading (`hf_compat`), never stored.
 
 A stage that trains the trunk (`lm`) stores its weights here; a stage that trains an adapter stores only its parts
-and refers to the trunk checkpoint it was trained on. Other writers (the `vision-pretrain` stage) store parts that
+and refers to the trunk checkpoint it was trained on (`TrunkReference`): by its path relative to the checkpoint
+directory (so run directories moved or copied together keep working), by its absolute path (so the adapter's run alone
+may move), and by the fingerprint of its weights (`fingerprint.py`), so that a reader takes only that trunk and says
+what it looked for when it cannot find it. References written before fingerprints hold only "checkpoint" (absolute or
+relative) and are still read. `mm-llama export` (`export_checkpoint`) writes a self-contained copy with the trunk
+stored. Other writers (the `vision-pretrain` stage) store parts that
 are not `MMLlama`'s with the low-level `write_ours`.
 
 Version 1 (before the per-aspect-ratio tile tables) stored the ViT's three tile embeddings as Meta's [M, M, ...]
@@ -22,6 +28,8 @@ grids and grouped the projection with "vision" and the media rows with "image_ad
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,8 +62,46 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: cannot read safetensors ({type(e).__name__}: {e})") from None
 
 
-def read_ours_trunk(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]] | Path:
-    """The trunk's (config, state dict) when stored here, or the path of the checkpoint it refers to."""
+@dataclass(frozen=True)
+class TrunkReference:
+    """Where an adapter checkpoint's trunk is to be found: `candidates` in the order to try (the path relative to the
+    checkpoint directory, then the absolute one, each resolved), and the fingerprint its weights must have (None in
+    references written before fingerprints: the first candidate that exists is taken). `index` names the
+    mm_llama.json that holds it, for messages."""
+
+    index: Path
+    candidates: tuple[Path, ...]
+    fingerprint: str | None
+
+
+def trunk_reference(trunk: Path, out: Path, fingerprint: str) -> dict:
+    """The index entry by which the checkpoint written into `out` refers to the trunk checkpoint `trunk`. `out` may be
+    the temporary directory beside the final one: the relative path is the same for both."""
+    trunk = trunk.resolve()
+    try:
+        relative = os.path.relpath(trunk, out.resolve())
+    except ValueError:  # on another drive (Windows): no relative path exists
+        relative = str(trunk)
+    return {"checkpoint": relative, "absolute": str(trunk), "fingerprint": fingerprint}
+
+
+def _read_reference(entry: dict, path: Path) -> TrunkReference:
+    places = [entry["checkpoint"], *([entry["absolute"]] if "absolute" in entry else [])]
+    fingerprint = entry.get("fingerprint")
+    if not all(isinstance(p, str) and p for p in places) or not isinstance(fingerprint, str | None):
+        raise CheckpointError(f"{path / OURS_INDEX}: a trunk reference is {{'checkpoint': relative path, 'absolute': "
+                              f"path, 'fingerprint': str}} (only 'checkpoint' in older ones), got {entry}")
+    candidates: list[Path] = []
+    for place in places:
+        candidate = (path / place).resolve()  # an absolute `place` replaces `path`
+        if candidate not in candidates:
+            candidates.append(candidate)
+    return TrunkReference(path / OURS_INDEX, tuple(candidates), fingerprint)
+
+
+def read_ours_trunk(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]] | TrunkReference:
+    """The trunk's (config, state dict) when stored here, or the reference to the checkpoint that holds it (which
+    `trunk.read_referenced_trunk` follows)."""
     trunk = read_index(path).get("trunk")
     if not isinstance(trunk, dict):
         raise CheckpointError(f"{path / OURS_INDEX}: no 'trunk' entry")
@@ -64,8 +110,7 @@ def read_ours_trunk(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]] |
         raise CheckpointError(f"{path / OURS_INDEX}: stores no trunk, only parts {parts} (a vision-pretrain "
                               "checkpoint: the image-adapter stage starts its ViT from it with init_vision)")
     if "checkpoint" in trunk:
-        ref = Path(trunk["checkpoint"])
-        return ref if ref.is_absolute() else path / ref
+        return _read_reference(trunk, path)
     config = LlamaConfig.from_dict(trunk.get("config", {}), source=f"{path / OURS_INDEX} (trunk.config)")
     return config, read_safetensors(path / trunk.get("weights", "trunk.safetensors"))
 
@@ -98,8 +143,8 @@ def write_ours(out: Path, *, trunk: dict, parts: dict[str, tuple[dict | None, di
     """Write the index and weights into `out` (an existing, empty directory: callers make it atomic).
 
     Args:
-        trunk: {"config": dict} when `trunk_weights` are stored here, else {"checkpoint": path} (or {} for a
-            directory of parts that belong to no trunk).
+        trunk: {"config": dict} when `trunk_weights` are stored here, else a reference (`trunk_reference`), or {}
+            for a directory of parts that belong to no trunk.
         parts: part name -> (config dict or None, state dict by full name) of each stored part.
         trunk_weights: the trunk's state dict (Meta names), when the trunk itself is stored.
     """

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from mm_llama.checkpoints.fingerprint import SCHEME, trunk_fingerprint
 from mm_llama.checkpoints.hf import HF_CONFIG, read_hf, write_hf
 from mm_llama.checkpoints.meta import META_PARAMS, read_meta, write_meta
-from mm_llama.checkpoints.ours import OURS_INDEX, read_ours_trunk, write_ours
+from mm_llama.checkpoints.ours import OURS_INDEX, TrunkReference, read_ours_trunk, write_ours
 from mm_llama.errors import CheckpointError
 from mm_llama.llama import Llama, LlamaConfig
 from mm_llama.tokenizer import TOKENIZER_PLACES, find_tokenizer
@@ -43,11 +44,43 @@ def read_checkpoint(path: str | Path) -> tuple[str, LlamaConfig, dict[str, torch
     fmt = detect_format(path)
     if fmt == "ours":
         trunk = read_ours_trunk(path)
-        if isinstance(trunk, Path):  # an adapter checkpoint: the trunk lives in the checkpoint it refers to
-            return read_checkpoint(trunk)
+        if isinstance(trunk, TrunkReference):  # an adapter checkpoint: the trunk lives in the checkpoint it refers to
+            return read_referenced_trunk(trunk)[:3]
         return (fmt, *trunk)
     config, state = read_meta(path) if fmt == "meta" else read_hf(path)
     return fmt, config, state
+
+
+def read_referenced_trunk(ref: TrunkReference) -> tuple[str, LlamaConfig, dict[str, torch.Tensor], Path]:
+    """(format, config, state dict, directory) of the trunk checkpoint an adapter checkpoint refers to: the first of
+    `ref.candidates` that exists and has the fingerprint the reference recorded (any that exists, for a reference
+    without one). When none does, the error lists each place looked at, why it was not taken, and the ways out."""
+    if ref.fingerprint is not None and ref.fingerprint.split(":")[0] != SCHEME:
+        raise CheckpointError(f"{ref.index}: the trunk's fingerprint {ref.fingerprint!r} is of a scheme this version "
+                              f"of mm-llama does not know (it computes {SCHEME!r}); upgrade mm-llama")
+    tried = []
+    for candidate in ref.candidates:
+        if not candidate.is_dir():
+            tried.append(f"{candidate} (missing)")
+            continue
+        try:
+            fmt, config, state = read_checkpoint(candidate)
+        except CheckpointError as e:
+            tried.append(f"{candidate} (unreadable: {e})")
+            continue
+        if ref.fingerprint is None:
+            return fmt, config, state, candidate
+        found = trunk_fingerprint(state, tie_embeddings=config.tie_embeddings)
+        if found == ref.fingerprint:
+            return fmt, config, state, candidate
+        tried.append(f"{candidate} (different weights: fingerprint {found})")
+    expected = (f"the trunk checkpoint with weights fingerprint {ref.fingerprint}" if ref.fingerprint
+                else "the trunk checkpoint it refers to (a reference written without a fingerprint)")
+    raise CheckpointError(
+        f"{ref.index}: cannot find {expected}; looked at {'; '.join(tried)}. Put that trunk checkpoint back at one of "
+        "these paths (run directories moved together keep the relative path valid; a trunk run's keep_checkpoints "
+        "rotation deletes its older steps), or write a self-contained copy that stores the trunk: "
+        f"mm-llama export --checkpoint {ref.index.parent} --trunk TRUNK_DIR --out NEW_DIR")
 
 
 def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str, *,

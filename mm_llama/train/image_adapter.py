@@ -5,9 +5,11 @@ caption/Q&A shards, with the trunk frozen. The loss is next-token cross-entropy 
     mm-llama data synth --kind image --out data/demo/image --n 20000
     mm-llama train image-adapter --config configs/demo/image_adapter.yaml [--train.steps=500 ...] [--resume]
 
-Each checkpoint directory is in mm-llama's format: the trunk by reference (`{"checkpoint": <trunk dir>}`; the trunk
-weights themselves for a `trunk_preset` smoke-test trunk), the model's parts ("vision", "vision_projection",
-"image_adapter", "media": the frozen ViT is stored too) and the tokenizer.model. `MMLlama.from_pretrained` loads it.
+Each checkpoint directory is in mm-llama's format: the trunk by reference (its path relative to the checkpoint, its
+absolute path and the fingerprint of its weights, computed once when the stage loads it: `ours.trunk_reference`; the
+trunk weights themselves for a `trunk_preset` smoke-test trunk), the model's parts ("vision", "vision_projection",
+"image_adapter", "media": the frozen ViT is stored too) and the tokenizer.model. `MMLlama.from_pretrained` loads it
+wherever the two run directories are moved together; `mm-llama export` writes a self-contained copy to share.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from torch import nn
 
 from adapters.cross_attention import CrossAttentionConfig
 from encoders.vision import VisionConfig
-from mm_llama.checkpoints.ours import read_ours_parts, split_parts, write_ours
+from mm_llama.checkpoints.fingerprint import trunk_fingerprint
+from mm_llama.checkpoints.ours import read_ours_parts, split_parts, trunk_reference, write_ours
 from mm_llama.data.image import IGNORE, ImageDataConfig, ImageTextBatches
 from mm_llama.errors import CheckpointError, ConfigError, TrainingError
 from mm_llama.llama import Llama, LlamaConfig
@@ -85,11 +88,14 @@ class ImageAdapterStage:
         self.n_words = Tokenizer.from_file(self.tokenizer_path).n_words
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}  # part -> frozen weights to store with each checkpoint
         self._model_config: MMConfig | None = None  # known once built (the trunk's config comes from its checkpoint)
+        self._trunk_fingerprint: str | None = None  # of the trunk checkpoint's weights, for the reference to it
 
     def build(self, runtime: Runtime) -> nn.Module:
         c = self.config
         if c.trunk is not None:
             trunk = Llama.from_pretrained(c.trunk, dtype=torch.float32, device=runtime.device)
+            # From the loaded weights: fp32 holds the checkpoint's bf16/fp32 values exactly, so this is its fingerprint.
+            self._trunk_fingerprint = trunk_fingerprint(trunk.state_dict(), tie_embeddings=trunk.config.tie_embeddings)
         else:
             with torch.device(runtime.device):
                 trunk = Llama(LlamaConfig.preset(c.trunk_preset))
@@ -152,7 +158,8 @@ class ImageAdapterStage:
             state |= {f"vision.{k}": v for k, v in self._frozen["vision"].items()}
         parts = split_parts(state, self._model_config.part_configs())
         if c.trunk is not None:
-            write_ours(out, trunk={"checkpoint": str(Path(c.trunk).resolve())}, parts=parts)
+            # `out` is a temporary directory beside the final one: a path relative to it is right for both.
+            write_ours(out, trunk=trunk_reference(Path(c.trunk), out, self._trunk_fingerprint), parts=parts)
         else:
             write_ours(out, trunk={"config": LlamaConfig.preset(c.trunk_preset).to_dict()}, parts=parts,
                        trunk_weights=self._frozen["trunk"])
