@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mm_llama.errors import ConfigError, InputError
+from mm_llama.paths import local_path
 
 ACCEPTED = ("a path to an image file (str or Path), a PIL.Image, or a uint8 numpy array / torch tensor of shape "
             "(H, W), (H, W, 3) or (H, W, 4)")
@@ -160,7 +161,9 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
-        raise InputError(f"{name} has shape {tuple(array.shape)}; expected {ACCEPTED} (channels last)")
+        hint = ("; it looks channels-first: move the channels last (e.g. tensor.permute(1, 2, 0))"
+                if array.ndim == 3 and array.shape[0] in (1, 3, 4) else "")
+        raise InputError(f"{name} has shape {tuple(array.shape)}; expected {ACCEPTED} (channels last){hint}")
     mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.ndim if array.ndim == 2 else array.shape[-1]]
     return Image.fromarray(np.ascontiguousarray(array), mode=mode)
 
@@ -180,7 +183,7 @@ def load_image(source, max_pixels: int = ImageTransformConfig.max_pixels) -> Ima
         InputError: missing, empty, truncated or non-image files, oversized images, wrong array dtype or shape.
     """
     if isinstance(source, (str, Path)):
-        image = _open_path(Path(source), max_pixels)
+        image = _open_path(local_path(source, "image"), max_pixels)
         name = str(source)
     elif isinstance(source, Image.Image):
         name = f"PIL.Image ({source.mode}, {source.width}x{source.height})"
@@ -191,8 +194,7 @@ def load_image(source, max_pixels: int = ImageTransformConfig.max_pixels) -> Ima
             raise InputError(f"{name} cannot be decoded: {e}") from e
         image = source
     elif isinstance(source, (np.ndarray, torch.Tensor)):
-        kind = "numpy array" if isinstance(source, np.ndarray) else "torch tensor"
-        name = f"{kind} of shape {tuple(source.shape)}"
+        name = "numpy array" if isinstance(source, np.ndarray) else "torch tensor"
         if isinstance(source, torch.Tensor):
             if source.dtype != torch.uint8:
                 raise InputError(f"{name} has dtype {source.dtype}; expected {ACCEPTED}")

@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 
 from encoders.image_transform import Images
+from mm_llama.devices import resolve_device
 from mm_llama.errors import InputError
 from mm_llama.generate import Generator, Sampling
 from mm_llama.media import Media
+from mm_llama.paths import local_path
 from mm_llama.tokenizer import Tokenizer, find_tokenizer
 
 MAX_IMAGES = 8  # images per question: bounds the cross-attention memory (each 4-tile 560-px image is 6,404 tokens)
@@ -56,12 +58,16 @@ class Assistant:
             hf_compat, dtype, device: as for `MMLlama.from_pretrained`.
             compile: as for `Assistant`.
         """
-        from mm_llama.checkpoints import load_mmllama
+        from mm_llama.checkpoints import detect_format, load_mmllama
 
-        path = Path(path)
-        # The tokenizer first, when the directory is there: a missing file should not cost loading the weights.
-        tok = Tokenizer.from_file(tokenizer) if tokenizer else _checkpoint_tokenizer(path) if path.is_dir() else None
-        model = load_mmllama(path, hf_compat=hf_compat, dtype=dtype, device=device)
+        path = local_path(path, "checkpoint directory")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None (as stored), "
+                             f"got {dtype!r}")
+        detect_format(path)  # a missing or unrecognisable directory is the first thing to say
+        # The tokenizer next: a missing file should not cost loading the weights.
+        tok = Tokenizer.from_file(local_path(tokenizer, "tokenizer")) if tokenizer else _checkpoint_tokenizer(path)
+        model = load_mmllama(path, hf_compat=hf_compat, dtype=dtype, device=resolve_device(device))
         return cls(model, tok, compile=compile)
 
     @classmethod
@@ -88,6 +94,11 @@ class Assistant:
             raise InputError(f"question must be a str, got {type(question).__name__}")
         if image is not None and images is not None:
             raise InputError("pass image=... or images=[...], not both")
+        if images is not None and not isinstance(images, list | tuple):
+            raise InputError(f"images must be a list of images, got {type(images).__name__} (for one image, pass "
+                             "image=...)")
+        if system is not None and not isinstance(system, str):
+            raise InputError(f"system must be a str or None, got {type(system).__name__}")
         images = [image] if image is not None else list(images or [])
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed)

@@ -2,6 +2,7 @@
 
     mm-llama ask --checkpoint DIR "question"          # chat-formatted, answer streamed to stdout
     mm-llama convert --input DIR --output DIR [--to meta|hf|ours] [--shards N]
+    mm-llama export --checkpoint DIR --out DIR [--trunk DIR]   # self-contained copy of an adapter checkpoint
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
     mm-llama data synth --kind text --out DIR --n N
     mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
@@ -15,25 +16,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from mm_llama.errors import InputError, MMLlamaError
-
-
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return torch.device(name)
+from mm_llama.errors import MMLlamaError
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
     import torch
 
     from mm_llama.api import Assistant
+    from mm_llama.devices import resolve_device
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # One path for every checkpoint kind (Meta, HF or mm-llama; a trunk or a model with parts).
@@ -54,20 +46,27 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {written} checkpoint to {args.output}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_export(args: argparse.Namespace) -> None:
+    from mm_llama.checkpoints import export_checkpoint
+
+    trunk = export_checkpoint(args.checkpoint, args.out, trunk=args.trunk)
+    print(f"wrote a self-contained mm-llama checkpoint to {args.out}" + (f" (trunk from {trunk})" if trunk else ""))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from mm_llama.train import run_stage
 
-    run_stage(args.stage, args.config, args.overrides, args.resume)
+    result = run_stage(args.stage, args.config, args.overrides, args.resume)
+    # Stopped by SIGTERM/SIGINT after a checkpoint: the shell's status for that signal, so `train && next` stops.
+    return 128 + result.stop_signal if result.stop_signal else 0
 
 
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
         if args.kind == "text":
             from mm_llama.data.synth_text import synth_text as synth
-        elif args.kind == "image":
+        else:  # "image": the parser accepts only the kinds that exist
             from mm_llama.data.synth_image import synth_image as synth
-        else:
-            raise InputError(f"data synth --kind {args.kind}: only 'text' and 'image' exist so far")
         shards = synth(Path(args.out), args.n, seed=args.seed, shard_size=args.shard_size)
     else:
         from mm_llama.data.pack import pack
@@ -76,23 +75,46 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"wrote {len(shards)} shard(s) to {args.out}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after each option's help, except where there is nothing to show (None, off flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _use_formatter(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from mm_llama import __version__
+
     parser = argparse.ArgumentParser(prog="mm-llama", description="Llama 3 with eyes, ears and a voice.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer a question with a checkpoint (streamed to stdout)")
-    ask.add_argument("question")
+    ask.add_argument("question", help="the question (quote it)")
     ask.add_argument("--checkpoint", required=True, help="checkpoint directory: Meta, Hugging Face or mm-llama; a "
                      "Llama 3 trunk, Llama 3.2 Vision or a model trained by mm-llama's stages")
     ask.add_argument("--tokenizer", help="tokenizer.model (default: the one in the checkpoint directory)")
     ask.add_argument("--system", help="system prompt")
-    ask.add_argument("--max-new-tokens", type=int, default=256)
-    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ask.add_argument("--top-k", type=int)
-    ask.add_argument("--top-p", type=float, default=1.0)
-    ask.add_argument("--seed", type=int)
-    ask.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    ask.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    ask.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer in tokens (it also ends at a "
+                     "stop token and where the context ends)")
+    ask.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    ask.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    ask.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with "
+                     "this probability mass")
+    ask.add_argument("--seed", type=int, help="seed of the sampler (reproducible answers at temperature > 0)")
+    ask.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N or mps")
+    ask.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                     help="weights' precision; auto: bf16 on a GPU, fp32 on the CPU")
     ask.add_argument("--compile", action="store_true", help="compile the decode step and encoders (CUDA only)")
     ask.add_argument("--image", action="append", help="an image to ask about (repeat for several)")
     ask.add_argument("--hf-compat", action="store_true",
@@ -101,12 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a trunk or Llama 3.2 Vision checkpoint between the Meta, "
                              "Hugging Face and mm-llama formats")
-    convert.add_argument("--input", required=True)
-    convert.add_argument("--output", required=True)
+    convert.add_argument("--input", required=True, help="checkpoint directory to read")
+    convert.add_argument("--output", required=True, help="directory to write (must not exist)")
     convert.add_argument("--to", choices=["meta", "hf", "ours"],
                          help="output format (default: hf for a Meta input, meta otherwise)")
     convert.add_argument("--shards", type=int, default=1, help="model-parallel shards for Meta output")
     convert.set_defaults(func=cmd_convert)
+
+    export = sub.add_parser("export", help="write a self-contained copy of an mm-llama checkpoint (the trunk it refers "
+                            "to stored in it) that can be moved, copied and shared alone")
+    export.add_argument("--checkpoint", required=True, help="mm-llama checkpoint directory, e.g. an adapter stage's")
+    export.add_argument("--out", required=True, help="new directory to write")
+    export.add_argument("--trunk", help="trunk checkpoint directory to take when the one the checkpoint refers to was "
+                        "moved or deleted (its weights are checked against the recorded fingerprint)")
+    export.set_defaults(func=cmd_export)
 
     train = sub.add_parser("train", help="train a stage (torchrun-launchable)",
                            description="Any further --section.key=value overrides the YAML config.")
@@ -118,17 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="write webdataset shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="generate shapes-world shards")
-    synth.add_argument("--kind", required=True, choices=["text", "image", "video", "speech", "tts"])
-    synth.add_argument("--out", required=True)
+    synth.add_argument("--kind", required=True, choices=["text", "image"], help="what to generate")
+    synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--n", type=int, required=True, help="number of samples")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--shard-size", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same shards")
+    synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     pack = data_sub.add_parser("pack", help="pack a JSONL list of texts and files into shards")
-    pack.add_argument("--kind", required=True, choices=["text", "image", "video", "speech"])
+    pack.add_argument("--kind", required=True, choices=["text", "image", "video", "speech"], help="sample layout")
     pack.add_argument("--input", required=True, help="JSONL, one sample per line")
-    pack.add_argument("--out", required=True)
-    pack.add_argument("--shard-size", type=int, default=1000)
+    pack.add_argument("--out", required=True, help="output directory")
+    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     data.set_defaults(func=cmd_data)
+    _use_formatter(parser)
     return parser
 
 
@@ -140,13 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except MMLlamaError as e:
         print(f"mm-llama: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import types
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import MISSING, fields, is_dataclass
@@ -110,13 +111,18 @@ def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
             return value
     elif tp is int or tp is float:
         # PyYAML follows YAML 1.1 and reads `3e-4` (no dot) as a string, so numeric strings are accepted here.
+        number = None
         if isinstance(value, str):
             try:
-                return tp(value.strip())
+                number = tp(value.strip())
             except ValueError:
                 raise _bad(tp, value, path, source) from None
-        if (isinstance(value, int) and not isinstance(value, bool)) or (tp is float and isinstance(value, float)):
-            return tp(value)
+        elif (isinstance(value, int) and not isinstance(value, bool)) or (tp is float and isinstance(value, float)):
+            number = tp(value)
+        if number is not None:
+            if not math.isfinite(number):  # no field means anything by nan or inf; torch would fail much later
+                raise ConfigError(f"{source}: '{path}' must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -17,7 +17,10 @@ similar lengths reuse the compiled graph.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -83,7 +86,10 @@ def attention_mask(cache_pos: torch.Tensor, first_slot: torch.Tensor, cache_len:
 
 @dataclass
 class Sampling:
-    """How to pick each next token. temperature 0 means greedy (the default)."""
+    """How to pick each next token. temperature 0 means greedy (the default).
+
+    `max_new_tokens` is a maximum: an answer also ends at a stop token and where the model's context ends.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -92,14 +98,25 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise InputError(f"top_k must be a positive integer or None, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        checks = [("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+                   "an integer >= 1"),
+                  ("temperature", self.temperature, _is_real(self.temperature) and self.temperature >= 0,
+                   "a finite number >= 0 (0 = greedy)"),
+                  ("top_k", self.top_k, self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+                   "an integer >= 1 or None"),
+                  ("top_p", self.top_p, _is_real(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+                  ("seed", self.seed, self.seed is None or _is_int(self.seed), "an integer or None")]
+        for name, value, ok, accepted in checks:
+            if not ok:
+                raise InputError(f"{name} must be {accepted}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -219,7 +236,7 @@ class Generator:
                 self._caches[key].mark_static()
         return self._caches[key]
 
-    def _check(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> None:
+    def _check(self, prompts: Sequence[Sequence[int]]) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("every prompt needs at least one token")
         vocab = self.vocab_limit
@@ -228,9 +245,9 @@ class Generator:
                 raise InputError(f"prompt {i} has token ids outside [0, {vocab}): {min(p)}..{max(p)}")
         longest = max(len(p) for p in prompts)
         limit = self.trunk.config.max_seq_len
-        if longest + sampling.max_new_tokens > limit:
-            raise InputError(f"prompt of {longest} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the "
-                             f"model's context of {limit} tokens")
+        if longest >= limit:
+            raise InputError(f"the prompt of {longest} tokens leaves no room for an answer in the model's context of "
+                             f"{limit} tokens; shorten it")
 
     def _persistent(self, state: MediaState) -> MediaState:
         """The decode state's tensors copied into buffers that persist across requests: CUDA graphs then read them
@@ -259,8 +276,11 @@ class Generator:
             media: the batch's media (`mm_llama.media.Media`), encoded once; keys/values computed once.
             taps: layer counts whose hidden states to yield with each token (e.g. (16,) for the TTS head).
         """
-        self._check(prompts, sampling)
+        self._check(prompts)
         B, longest = len(prompts), max(len(p) for p in prompts)
+        # max_new_tokens is a maximum: the answer is cut where the context ends.
+        room = self.trunk.config.max_seq_len - longest
+        sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room))
         cache = self._cache(B, longest + sampling.max_new_tokens)
         dev = self.device
         taps = tuple(taps)

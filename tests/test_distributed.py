@@ -4,7 +4,7 @@ sharded run resumes exactly. (The GPU figures of the same code are in benchmarks
 import json
 import math
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +14,7 @@ import pytest
 
 from mm_llama.data.pack import pack
 from mm_llama.tokenizer import write_ranks
+from mm_llama.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,34 +36,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(n: int, corpus: Path, run: Path, *extra: str) -> dict[int, float]:
-    """Train the debug trunk with n CPU processes (global batch 4); returns step -> loss from the run's log."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "mm_llama.cli", "train", "lm", "--config", str(REPO / "configs" / "demo" / "lm.yaml"),
-               "--model=debug", f"--data.shards={corpus}", f"--data.tokenizer={corpus / 'tokenizer.model'}",
-               "--data.seq_len=64", f"--data.batch_size={4 // n}", "--data.num_workers=0", f"--train.out_dir={run}",
-               "--train.steps=6", "--train.lr=3e-3", "--train.warmup_steps=2", "--train.log_every=1",
-               "--train.checkpoint_every=3", "--train.device=cpu", *extra]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO,
-                            env=os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"{n} rank(s)" in result.stdout
+def torchrun_command(n: int, corpus: Path, run: Path, *extra: str) -> list[str]:
+    """Train the debug trunk with n CPU processes (global batch 4)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "-m", "mm_llama.cli", "train", "lm", "--config", str(REPO / "configs" / "demo" / "lm.yaml"),
+            "--model=debug", f"--data.shards={corpus}", f"--data.tokenizer={corpus / 'tokenizer.model'}",
+            "--data.seq_len=64", f"--data.batch_size={4 // n}", "--data.num_workers=0", f"--train.out_dir={run}",
+            "--train.steps=6", "--train.lr=3e-3", "--train.warmup_steps=2", "--train.log_every=1",
+            "--train.checkpoint_every=3", "--train.device=cpu", *extra]
+
+
+ENV = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def logged_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
 
 
-def test_two_processes_train_like_one_and_resume_exactly(repeated_corpus, tmp_path):
+def torchrun(n: int, corpus: Path, run: Path, *extra: str) -> dict[int, float]:
+    """Train with n CPU processes; returns step -> loss from the run's log."""
+    result = subprocess.run(torchrun_command(n, corpus, run, *extra), capture_output=True, text=True, timeout=240,
+                            cwd=REPO, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{n} rank(s)" in result.stdout
+    return logged_losses(run)
+
+
+def test_two_processes_train_like_one_and_resume_exactly_after_a_sigterm_to_the_job(repeated_corpus, tmp_path):
     one = torchrun(1, repeated_corpus, tmp_path / "one")
-    two = torchrun(2, repeated_corpus, tmp_path / "two")
-    assert sorted(one) == sorted(two) == list(range(1, 7))
+    assert sorted(one) == list(range(1, 7))
     assert one[6] < one[1] - 0.5  # it learns
+    # The whole job gets SIGTERM, as SLURM, Kubernetes or `timeout` send it: torchrun's agent, both ranks and their
+    # DataLoader workers. The ranks agree on the step, write one checkpoint and stop.
+    run, workers = tmp_path / "two", "--data.num_workers=1"
+    job = subprocess.Popen(torchrun_command(2, repeated_corpus, run, workers), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, cwd=REPO, env=ENV, start_new_session=True)
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if line.startswith("step 1:"):
+            os.killpg(job.pid, signal.SIGTERM)
+            break
+    output = "".join(lines) + job.communicate(timeout=120)[0]
+    stopped = [line for line in output.splitlines() if line.startswith("stopped by SIGTERM at step")]
+    assert len(stopped) == 1 and "DataLoader worker" not in output, output
+    step = int(stopped[0].split("step ")[1].split(" ")[0])
+    assert 1 <= step < 6 and latest_checkpoint(run).name == f"step_{step:08d}", output
+    two = torchrun(2, repeated_corpus, run, workers, "--resume")
+    assert sorted(two) == list(range(1, 7))
     assert all(abs(one[s] - two[s]) <= 1e-5 for s in one), (one, two)
-    # Lose the last checkpoint, resume the sharded run from step 3: steps 4-6 come out the same.
-    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step_00000006")
-    (tmp_path / "two" / "log.jsonl").unlink()
-    resumed = torchrun(2, repeated_corpus, tmp_path / "two", "--resume")
-    assert sorted(resumed) == [4, 5, 6]
-    assert all(abs(resumed[s] - two[s]) <= 1e-5 for s in resumed), (resumed, two)
 
 
 def test_image_adapter_trains_sharded_with_a_frozen_trunk(tmp_path):
@@ -70,7 +93,6 @@ def test_image_adapter_trains_sharded_with_a_frozen_trunk(tmp_path):
     from mm_llama.checkpoints.ours import read_index, read_safetensors
     from mm_llama.data.synth_image import synth_image
     from mm_llama.model import MMLlama
-    from mm_llama.train.checkpoint import latest_checkpoint
 
     synth_image(tmp_path / "img", 32, seed=0, shard_size=8)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -143,8 +143,8 @@ def test_stream_text_with_real_tokenizer_equals_decode():
 def test_bad_requests_raise_input_errors():
     model = debug_model()
     generator = Generator(model)
-    with pytest.raises(InputError, match="exceeds the model's context of 256"):
-        generator.generate([[1] * 250], Sampling(max_new_tokens=10))
+    with pytest.raises(InputError, match="256 tokens leaves no room for an answer in the model's context of 256"):
+        generator.generate([[1] * 256], Sampling(max_new_tokens=10))
     with pytest.raises(InputError, match="at least one token"):
         generator.generate([[]])
     with pytest.raises(InputError, match=r"outside \[0, 512\)"):
@@ -155,6 +155,15 @@ def test_bad_requests_raise_input_errors():
         Sampling(temperature=-1)
     with pytest.raises(InputError, match="CUDA"):
         Generator(model, compile=True)
+
+
+def test_an_answer_longer_than_the_context_left_is_cut_to_fit():
+    model = debug_model()  # context of 256
+    cut = generate(model, [[1] * 250], Sampling(max_new_tokens=10))[0]
+    assert len(cut) == 6  # max_new_tokens is a maximum
+    assert cut == generate(model, [[1] * 250], Sampling(max_new_tokens=6))[0]
+    batch = generate(model, [[1] * 250, [2] * 10], Sampling(max_new_tokens=10))  # the longest prompt bounds the batch
+    assert [len(row) for row in batch] == [6, 6]
 
 
 def test_pad_rows_never_see_nothing():

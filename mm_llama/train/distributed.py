@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mm_llama.devices import resolve_device
+
 
 @dataclass
 class Runtime:
@@ -35,6 +37,13 @@ class Runtime:
     def any(self, flag: bool) -> bool:
         return self.all_sum([float(flag)])[0] > 0
 
+    def all_max(self, value: int) -> int:
+        """The largest of one integer over ranks."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -53,9 +62,7 @@ def init_runtime(device: str = "auto") -> Runtime:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda"
                                     else None)
         return Runtime(dist.get_rank(), dist.get_world_size(), dev, True)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Runtime(0, 1, torch.device(device), False)
+    return Runtime(0, 1, resolve_device(device, "train.device"), False)
 
 
 def shutdown(runtime: Runtime) -> None:

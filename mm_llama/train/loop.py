@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from mm_llama.devices import device_problem
 from mm_llama.errors import ConfigError, TrainingError
 from mm_llama.train.checkpoint import (
     TRAIN_STATE,
@@ -34,6 +34,8 @@ from mm_llama.train.checkpoint import (
     write_checkpoint_dir,
 )
 from mm_llama.train.distributed import Runtime, init_runtime, prepare_model
+from mm_llama.train.run_lock import RunLock
+from mm_llama.train.stop import StopRequest, signal_name
 
 
 @dataclass
@@ -62,14 +64,28 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        positive = ("steps", "grad_accum", "log_every", "checkpoint_every")
-        bad = [f"{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            bad.append(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.grad_clip <= 0 or self.keep_checkpoints < 1:
-            bad.append("warmup_steps must be >= 0, grad_clip > 0, keep_checkpoints >= 1")
+        positive = ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints")
+        bad = [f"{name} must be an integer >= 1, got {getattr(self, name)!r}" for name in positive
+               if not _is_int(getattr(self, name)) or getattr(self, name) < 1]
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            bad.append(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        ranges = {"lr": (lambda v: v > 0, "> 0"), "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+                  "weight_decay": (lambda v: v >= 0, ">= 0"), "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                  "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"), "eps": (lambda v: v > 0, "> 0"),
+                  "grad_clip": (lambda v: v > 0, "> 0")}
+        for name, (accepts, text) in ranges.items():
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not (number and accepts(value)):
+                bad.append(f"{name} must be a finite number {text}, got {value!r}")
+        if problem := device_problem(self.device, "device"):
+            bad.append(problem)
         if bad:
             raise ConfigError("invalid train config: " + "; ".join(bad))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -115,29 +131,12 @@ class TrainResult:
     model: nn.Module
     losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss over the global batch
     last_step: int = 0
-    stopped_by_signal: bool = False
+    stop_signal: int = 0  # the SIGTERM/SIGINT that stopped the run early (after a checkpoint), or 0
     last_checkpoint: Path | None = None
 
-
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and stops (all ranks agree)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "_StopRequest":
-        with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    @property
+    def stopped_by_signal(self) -> bool:
+        return self.stop_signal != 0
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
@@ -166,7 +165,40 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
     Args:
         config_yaml: the resolved run config, saved beside the log and in every checkpoint.
         resume: continue from the latest checkpoint in `cfg.out_dir` (model, optimizer, step, data position, RNG).
+            The learning-rate schedule keeps the length it was started with (stored in the checkpoint): a changed
+            `steps` moves where the run ends, not the shape of its schedule.
+    Raises:
+        TrainingError when `cfg.out_dir` is in use by a live run or cannot be written, when a checkpoint cannot be
+        written (the previous one stays intact), or on a non-finite loss.
     """
+    runtime = runtime or init_runtime(cfg.device)
+    run_dir = Path(cfg.out_dir)
+    with _run_directory(run_dir, runtime):
+        return _train(stage, cfg, config_yaml, resume, runtime, run_dir)
+
+
+@contextlib.contextmanager
+def _run_directory(run_dir: Path, runtime: Runtime):
+    """Create the run directory and hold its lock (rank 0) for the whole run; every rank fails alike."""
+    lock, problem = RunLock(run_dir), None
+    if runtime.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.__enter__()
+        except OSError as e:
+            problem = TrainingError(f"cannot create train.out_dir {run_dir}: {e.strerror}")
+        except TrainingError as e:
+            problem = e
+    if runtime.any(problem is not None):
+        raise problem or TrainingError(f"rank 0 could not take the run directory {run_dir} (see its error)")
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _train(stage: Stage, cfg: TrainConfig, config_yaml: str, resume: bool, runtime: Runtime,
+           run_dir: Path) -> TrainResult:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -175,8 +207,6 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
         set_optimizer_state_dict,
     )
 
-    runtime = runtime or init_runtime(cfg.device)
-    run_dir = Path(cfg.out_dir)
     previous = latest_checkpoint(run_dir)
     if resume and previous is None:
         raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
@@ -197,7 +227,7 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
     optimizer = build_optimizer(model, cfg, runtime.device)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    step, data_position = 0, 0
+    step, data_position, schedule, notes = 0, 0, cfg, []
     if resume:
         state = load_train_state(previous)
         weights = stage.load(previous)
@@ -208,6 +238,7 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         step, data_position = state["step"], state["data_position"]
         set_rng_states(state["rng"][runtime.rank])
+        schedule, notes = _resumed_schedule(cfg, state.get("schedule_steps", cfg.steps))
 
     def save_checkpoint(at_step: int) -> Path | None:
         weights = {k: v for k, v in get_model_state_dict(model, options=full).items() if k in trainable}
@@ -218,27 +249,38 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
 
             rngs = [None] * runtime.world_size
             dist.all_gather_object(rngs, rng_states())
-        path = None
+        path, failure = None, None
         if runtime.is_main:
             def write(tmp: Path) -> None:
                 stage.save(weights, tmp)
                 torch.save({"optimizer": optim_state, "step": at_step, "data_position": data_position,
-                            "rng": rngs}, tmp / TRAIN_STATE)
+                            "rng": rngs, "schedule_steps": schedule.steps}, tmp / TRAIN_STATE)
                 (tmp / "config.yaml").write_text(config_yaml)
 
-            path = write_checkpoint_dir(run_dir, at_step, write, cfg.keep_checkpoints)
-        runtime.barrier()
+            try:
+                path = write_checkpoint_dir(run_dir, at_step, write, cfg.keep_checkpoints)
+            except Exception as e:  # disk full, quota, permissions: OSError, SafetensorError, torch's RuntimeError
+                failure = e
+        if runtime.any(failure is not None):
+            what = f"{type(failure).__name__}: {failure}" if failure is not None else "see rank 0's error"
+            raise TrainingError(f"step {at_step}: writing the checkpoint into {run_dir / 'checkpoints'} failed "
+                                f"({what}); nothing of it was kept. The last good checkpoint is "
+                                f"{result.last_checkpoint or 'none'}") from failure
         return path
 
     log_file = None
     if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-        log_file = open(run_dir / "log.jsonl", "a")
+        try:
+            (run_dir / "config.yaml").write_text(config_yaml)
+            log_file = open(run_dir / "log.jsonl", "a")
+        except OSError as e:
+            raise TrainingError(f"cannot write into train.out_dir {run_dir}: {e.strerror} ({e.filename})") from None
         resumed = f"; resumed at step {step}" if resume else ""
         print(f"[{stage.name}] {len(trainable)} trainable tensors, {sum(p.numel() for p in params):,} trainable "
               f"parameters, {runtime.world_size} rank(s), {runtime.device}, "
               f"{'bf16' if bf16 else 'fp32'} compute{resumed}", flush=True)
+        for note in notes:
+            print(f"[{stage.name}] note: {note}", flush=True)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and not runtime.distributed
                 else contextlib.nullcontext())
     result = TrainResult(model=model, last_step=step, last_checkpoint=previous)
@@ -248,14 +290,14 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
 
     progress = tqdm(total=cfg.steps, initial=step, disable=None if runtime.is_main else True, desc=stage.name)
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while step < cfg.steps:
                 step += 1
                 started = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 local_targets = sum(stage.n_targets(b) for b in micro)
                 targets, skipped = runtime.all_sum([local_targets, sum(b.get("skipped", 0) for b in micro)])
-                lr = lr_at(step, cfg)
+                lr = lr_at(step, schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
@@ -283,23 +325,49 @@ def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool
                 if runtime.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                     record = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                               "tokens_per_s": targets / elapsed, "samples_skipped": skipped_total}
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
+                    try:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                    except OSError as e:
+                        raise TrainingError(f"step {step}: cannot append to {log_file.name}: {e.strerror}; the last "
+                                            f"good checkpoint is {result.last_checkpoint or 'none'}") from None
                     progress.write(f"step {step}: loss {mean_loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "
                                    f"{targets / elapsed:,.0f} tok/s  skipped {skipped_total}")
-                stopping = runtime.any(stop.requested)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+                # Every rank takes the signal of any rank (a scheduler may signal them at different moments).
+                stop_signal = runtime.all_max(stop.signal)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_signal:
                     result.last_checkpoint = save_checkpoint(step) or result.last_checkpoint
-                if stopping:
-                    result.stopped_by_signal = True
+                if stop_signal:
+                    result.stop_signal = stop_signal
                     if runtime.is_main:
-                        progress.write(f"stopped by a signal at step {step}; checkpoint {result.last_checkpoint}")
+                        progress.write(f"stopped by {signal_name(stop_signal)} at step {step} of {cfg.steps}; "
+                                       f"checkpoint {result.last_checkpoint}; continue with --resume")
                     break
     finally:
         progress.close()
+        # Shut the DataLoader workers down now, on every way out: they ignore SIGTERM (`mm_llama.train.stop`), so
+        # left to interpreter exit (an exception's traceback can keep the iterator alive until then) they would
+        # outlive multiprocessing's terminate() and the process would wait for them forever.
+        if hasattr(batches, "close"):
+            batches.close()
         if log_file is not None:
-            log_file.close()
+            with contextlib.suppress(OSError):  # a full disk fails the close too; the error above says it all
+                log_file.close()
     return result
+
+
+def _resumed_schedule(cfg: TrainConfig, schedule_steps: int) -> tuple[TrainConfig, list[str]]:
+    """The config whose `steps` shapes the LR schedule of a resumed run: the stored length, said aloud if changed."""
+    if schedule_steps == cfg.steps:
+        return cfg, []
+    import dataclasses
+
+    schedule = dataclasses.replace(cfg, steps=schedule_steps)
+    after = (f"; steps {schedule_steps + 1}-{cfg.steps} run at the final learning rate "
+             f"{lr_at(schedule_steps, schedule):.2e}" if cfg.steps > schedule_steps else "")
+    return schedule, [f"train.steps is {cfg.steps} but the run started with {schedule_steps}: the learning-rate "
+                      f"schedule keeps its length of {schedule_steps} steps (stored in the checkpoint){after}. To "
+                      "train with a new schedule, start a new run"]
 
 
 def run_stage(config_cls: type, make_stage, config_path: str | None, overrides=(), resume: bool = False, *,
