@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from encoders.image_transform import Images
-from mm_llama.devices import resolve_device
 from mm_llama.errors import InputError
 from mm_llama.generate import Generator, Sampling
 from mm_llama.media import Media
@@ -67,7 +66,7 @@ class Assistant:
         detect_format(path)  # a missing or unrecognisable directory is the first thing to say
         # The tokenizer next: a missing file should not cost loading the weights.
         tok = Tokenizer.from_file(local_path(tokenizer, "tokenizer")) if tokenizer else _checkpoint_tokenizer(path)
-        model = load_mmllama(path, hf_compat=hf_compat, dtype=dtype, device=resolve_device(device))
+        model = load_mmllama(path, hf_compat=hf_compat, dtype=dtype, device=device)
         return cls(model, tok, compile=compile)
 
     @classmethod

@@ -15,8 +15,10 @@ from mm_llama.checkpoints.fingerprint import SCHEME, trunk_fingerprint
 from mm_llama.checkpoints.hf import HF_CONFIG, read_hf, write_hf
 from mm_llama.checkpoints.meta import META_PARAMS, read_meta, write_meta
 from mm_llama.checkpoints.ours import OURS_INDEX, TrunkReference, read_ours_trunk, write_ours
+from mm_llama.devices import resolve_device
 from mm_llama.errors import CheckpointError
 from mm_llama.llama import Llama, LlamaConfig
+from mm_llama.paths import local_path
 from mm_llama.tokenizer import TOKENIZER_PLACES, find_tokenizer
 
 
@@ -27,7 +29,7 @@ def detect_format(path: str | Path) -> str:
         what = "does not exist" if not path.exists() else "is not a directory"
         raise CheckpointError(f"{path}: not a checkpoint directory ({what}); accepted: a Meta directory (params.json "
                               "+ consolidated.NN.pth), a Hugging Face one (config.json + *.safetensors) or an "
-                              "mm-llama one (mm_llama.json)")
+                              "mm-llama one (mm_llama.json), on this machine (nothing is downloaded from a model hub)")
     if (path / OURS_INDEX).is_file():
         return "ours"
     if (path / META_PARAMS).is_file():
@@ -145,7 +147,7 @@ def load_llama(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
         dtype: parameter dtype (None keeps the checkpoint's).
         device: where the weights go.
     """
-    path = Path(path)
+    path, device = local_path(path, "checkpoint directory"), resolve_device(device)
     fmt, config, state = read_checkpoint(path)
     check_tokenizer_vocab(path, config)
     with torch.device("meta"):
