@@ -72,6 +72,16 @@ def hf_checkpoint(tmp_path):
     return path, make_hf_checkpoint(path)
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """800 shapes-world text samples in 4 shards with their byte-level tokenizer (the `debug` trunk's vocabulary)."""
+    from mm_llama.data.synth_text import synth_text
+
+    out = tmp_path_factory.mktemp("text")
+    synth_text(out, 800, seed=0, shard_size=200)
+    return out
+
+
 class Crash(Exception):
     """The process died (raised by `crash_after`)."""
 

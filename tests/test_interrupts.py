@@ -15,20 +15,12 @@ from test_train_lm import DEMO_CONFIG, REPO, overrides
 
 from mm_llama.checkpoints import load_llama
 from mm_llama.config import load_config
-from mm_llama.data.synth_text import synth_text
 from mm_llama.errors import TrainingError
 from mm_llama.train.checkpoint import latest_checkpoint, list_checkpoints
 from mm_llama.train.lm import LMStage, LMStageConfig
 from mm_llama.train.loop import train
 
 ENV = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("text")
-    synth_text(out, 800, seed=0, shard_size=200)
-    return out
 
 
 def lm_args(corpus: Path, run: Path, **train) -> list[str]:

@@ -15,7 +15,6 @@ import torch
 from conftest import Crash, crash_after
 from mm_llama.checkpoints import load_llama
 from mm_llama.config import load_config
-from mm_llama.data.synth_text import synth_text
 from mm_llama.errors import TrainingError
 from mm_llama.generate import Sampling, generate
 from mm_llama.train.checkpoint import latest_checkpoint, list_checkpoints
@@ -24,13 +23,6 @@ from mm_llama.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo" / "lm.yaml"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("text")
-    synth_text(out, 800, seed=0, shard_size=200)
-    return out
 
 
 def overrides(corpus: Path, run: Path, **train) -> list[str]:
