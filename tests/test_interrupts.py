@@ -116,3 +116,6 @@ def test_changing_steps_on_resume_keeps_the_schedule_and_says_so(corpus, tmp_pat
     assert "train.steps is 9 but the run started with 6: the learning-rate schedule keeps its length of 6" in note
     assert "steps 7-9 run at the final learning rate" in note
     assert sorted(longer.losses) == [7, 8, 9]
+    done = train(s := lm_stage(corpus, run, steps=5), s.config.train, resume=True)
+    assert not done.losses
+    assert "the run is already at step 9, train.steps is 5: nothing to train" in capsys.readouterr().out

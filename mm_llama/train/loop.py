@@ -239,6 +239,8 @@ def _train(stage: Stage, cfg: TrainConfig, config_yaml: str, resume: bool, runti
         step, data_position = state["step"], state["data_position"]
         set_rng_states(state["rng"][runtime.rank])
         schedule, notes = _resumed_schedule(cfg, state.get("schedule_steps", cfg.steps))
+        if step >= cfg.steps:
+            notes.append(f"the run is already at step {step}, train.steps is {cfg.steps}: nothing to train")
 
     def save_checkpoint(at_step: int) -> Path | None:
         weights = {k: v for k, v in get_model_state_dict(model, options=full).items() if k in trainable}
