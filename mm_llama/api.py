@@ -60,9 +60,6 @@ class Assistant:
         from mm_llama.checkpoints import detect_format, load_mmllama
 
         path = local_path(path, "checkpoint directory")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise InputError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None (as stored), "
-                             f"got {dtype!r}")
         detect_format(path)  # a missing or unrecognisable directory is the first thing to say
         # The tokenizer next: a missing file should not cost loading the weights.
         tok = Tokenizer.from_file(local_path(tokenizer, "tokenizer")) if tokenizer else _checkpoint_tokenizer(path)

@@ -1,4 +1,5 @@
-"""The one place a device name a user typed becomes a `torch.device`: `--device`, `train.device`, `device=` in the API.
+"""The one place a device name a user typed becomes a `torch.device` (`--device`, `train.device`, `device=` in the
+API), and where a loader's `dtype=` is checked.
 
 `torch.device("tpu")` raises a bare RuntimeError listing PyTorch's internal device types, and `torch.device("cuda:7")`
 on a one-GPU machine only fails at the first kernel; both should be an `InputError` naming the value and what this
@@ -49,3 +50,10 @@ def resolve_device(value: str | torch.device, what: str = "device") -> torch.dev
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"{what} {value}: MPS is not available here; available: {', '.join(here)}")
     return device
+
+
+def check_dtype(dtype: object, what: str = "dtype") -> None:
+    """`InputError` unless `dtype` is a floating-point `torch.dtype` or None (keep the checkpoint's)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InputError(f"{what} must be a floating-point torch.dtype (e.g. torch.bfloat16) or None (as stored), "
+                         f"got {dtype!r}")

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -33,6 +31,7 @@ from mm_llama.errors import InputError
 from mm_llama.llama import Llama
 from mm_llama.tokenizer import StreamDecoder, Tokenizer
 from mm_llama.transfer import tensor_to_device
+from mm_llama.values import is_finite_number, is_int
 
 if TYPE_CHECKING:
     from mm_llama.media import Media, MediaState
@@ -98,25 +97,17 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        checks = [("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+        checks = [("max_new_tokens", self.max_new_tokens, is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
                    "an integer >= 1"),
-                  ("temperature", self.temperature, _is_real(self.temperature) and self.temperature >= 0,
+                  ("temperature", self.temperature, is_finite_number(self.temperature) and self.temperature >= 0,
                    "a finite number >= 0 (0 = greedy)"),
-                  ("top_k", self.top_k, self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+                  ("top_k", self.top_k, self.top_k is None or (is_int(self.top_k) and self.top_k >= 1),
                    "an integer >= 1 or None"),
-                  ("top_p", self.top_p, _is_real(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-                  ("seed", self.seed, self.seed is None or _is_int(self.seed), "an integer or None")]
+                  ("top_p", self.top_p, is_finite_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+                  ("seed", self.seed, self.seed is None or is_int(self.seed), "an integer or None")]
         for name, value, ok, accepted in checks:
             if not ok:
                 raise InputError(f"{name} must be {accepted}, got {value!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -108,7 +108,10 @@ def test_bad_api_values_outside_ask(assistant, checkpoint, tmp_path):
          "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'tpu'"),
         (lambda: Assistant.from_pretrained(checkpoint, device="cuda:64"), "cuda:64: this machine has no such CUDA"),
         (lambda: Assistant.from_pretrained(checkpoint, dtype="bf16"), "dtype must be a floating-point torch.dtype"),
-        (lambda: Assistant.from_pretrained(checkpoint, tokenizer=tmp_path / "missing.model"), "missing.model"),
+        (lambda: Assistant.from_pretrained(checkpoint, tokenizer=tmp_path / "missing.model"),
+         f"cannot read tokenizer file {tmp_path / 'missing.model'}: No such file or directory"),
+        (lambda: Assistant.from_pretrained(checkpoint, tokenizer="https://example.com/tokenizer.model"),
+         "tokenizer https://example.com/tokenizer.model: URLs are not fetched"),
     ]
     for call, message in rows:
         with pytest.raises(MMLlamaError) as e:

@@ -3,6 +3,8 @@ checkpoints and resumes exactly; a live run directory is refused to a second run
 one; a checkpoint that cannot be written (a file-size limit: a real EFBIG from the kernel) stops the run with a clear
 error and leaves the last good checkpoint intact; a changed `train.steps` on resume keeps the schedule's length."""
 
+import dataclasses
+import json
 import os
 import resource
 import signal
@@ -16,9 +18,9 @@ from test_train_lm import DEMO_CONFIG, REPO, overrides
 from mm_llama.checkpoints import load_llama
 from mm_llama.config import load_config
 from mm_llama.errors import TrainingError
-from mm_llama.train.checkpoint import latest_checkpoint, list_checkpoints
+from mm_llama.train.checkpoint import latest_checkpoint, list_checkpoints, load_train_state
 from mm_llama.train.lm import LMStage, LMStageConfig
-from mm_llama.train.loop import train
+from mm_llama.train.loop import lr_at, train
 
 ENV = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -110,12 +112,21 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_go
 
 def test_changing_steps_on_resume_keeps_the_schedule_and_says_so(corpus, tmp_path, capsys):
     run = tmp_path / "run"
-    train(s := lm_stage(corpus, run, steps=6, checkpoint_every=3), s.config.train)
-    longer = train(s := lm_stage(corpus, run, steps=9), s.config.train, resume=True)
+    first = lm_stage(corpus, run, steps=6, checkpoint_every=3, log_every=1)
+    train(first, first.config.train)
+    longer = train(s := lm_stage(corpus, run, steps=9, log_every=1), s.config.train, resume=True)
     note = capsys.readouterr().out
     assert "train.steps is 9 but the run started with 6: the learning-rate schedule keeps its length of 6" in note
     assert "steps 7-9 run at the final learning rate" in note
     assert sorted(longer.losses) == [7, 8, 9]
+    # The logged learning rates follow the 6-step schedule: steps 1-6 as first run, 7-9 at its floor (lr x 0.1),
+    # where a 9-step cosine would still be above it; the new checkpoint keeps the stored length.
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+    six, nine = first.config.train, dataclasses.replace(first.config.train, steps=9)
+    assert all(logged[k] == pytest.approx(lr_at(k, six), rel=1e-12) for k in range(1, 10))
+    floor = six.lr * six.min_lr_ratio
+    assert all(logged[k] == pytest.approx(floor) and floor < lr_at(k, nine) for k in (7, 8))
+    assert load_train_state(latest_checkpoint(run))["schedule_steps"] == 6
     done = train(s := lm_stage(corpus, run, steps=5), s.config.train, resume=True)
     assert not done.losses
     assert "the run is already at step 9, train.steps is 5: nothing to train" in capsys.readouterr().out

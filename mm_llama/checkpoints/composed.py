@@ -41,7 +41,7 @@ from mm_llama.checkpoints.trunk import (
     tokenizer_candidates,
     write_trunk,
 )
-from mm_llama.devices import resolve_device
+from mm_llama.devices import check_dtype, resolve_device
 from mm_llama.errors import CheckpointError
 from mm_llama.model import MMConfig, MMLlama
 from mm_llama.paths import local_path
@@ -103,6 +103,7 @@ def load_mmllama(path: str | Path, *, hf_compat: bool = False, dtype: torch.dtyp
                  device: torch.device | str = "cpu") -> MMLlama:
     """`MMLlama.from_pretrained`: any checkpoint directory, built on the meta device and assign-loaded strictly."""
     path, device = local_path(path, "checkpoint directory"), resolve_device(device)
+    check_dtype(dtype)
     fmt, config, state = read_composed(path, hf_compat=hf_compat)
     check_tokenizer_vocab(path, config.trunk)
     with torch.device("meta"):

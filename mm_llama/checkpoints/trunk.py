@@ -15,7 +15,7 @@ from mm_llama.checkpoints.fingerprint import SCHEME, trunk_fingerprint
 from mm_llama.checkpoints.hf import HF_CONFIG, read_hf, write_hf
 from mm_llama.checkpoints.meta import META_PARAMS, read_meta, write_meta
 from mm_llama.checkpoints.ours import OURS_INDEX, TrunkReference, read_ours_trunk, write_ours
-from mm_llama.devices import resolve_device
+from mm_llama.devices import check_dtype, resolve_device
 from mm_llama.errors import CheckpointError
 from mm_llama.llama import Llama, LlamaConfig
 from mm_llama.paths import local_path
@@ -148,6 +148,7 @@ def load_llama(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
         device: where the weights go.
     """
     path, device = local_path(path, "checkpoint directory"), resolve_device(device)
+    check_dtype(dtype)
     fmt, config, state = read_checkpoint(path)
     check_tokenizer_vocab(path, config)
     with torch.device("meta"):

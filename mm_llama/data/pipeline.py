@@ -42,14 +42,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mm_llama.data.skip_counter import SkipCounter
 from mm_llama.data.tar_reader import Damage, read_shard
 from mm_llama.errors import DataError, InputError
+from mm_llama.values import is_int
 
 __all__ = ["BadSample", "ShardBatches", "ShardSamples", "SkipCounter", "check_rank", "expand_shards", "is_int",
            "iterate_batches", "shard_config_problems"]
-
-
-def is_int(value: object) -> bool:
-    """A real integer (bool is not one here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def shard_config_problems(config: object, minimums: dict[str, int]) -> list[str]:

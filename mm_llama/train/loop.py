@@ -36,6 +36,7 @@ from mm_llama.train.checkpoint import (
 from mm_llama.train.distributed import Runtime, init_runtime, prepare_model
 from mm_llama.train.run_lock import RunLock
 from mm_llama.train.stop import StopRequest, signal_name
+from mm_llama.values import is_finite_number, is_int
 
 
 @dataclass
@@ -66,8 +67,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints")
         bad = [f"{name} must be an integer >= 1, got {getattr(self, name)!r}" for name in positive
-               if not _is_int(getattr(self, name)) or getattr(self, name) < 1]
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+               if not is_int(getattr(self, name)) or getattr(self, name) < 1]
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             bad.append(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         ranges = {"lr": (lambda v: v > 0, "> 0"), "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
                   "weight_decay": (lambda v: v >= 0, ">= 0"), "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -75,17 +76,12 @@ class TrainConfig:
                   "grad_clip": (lambda v: v > 0, "> 0")}
         for name, (accepts, text) in ranges.items():
             value = getattr(self, name)
-            number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            if not (number and accepts(value)):
+            if not (is_finite_number(value) and accepts(value)):
                 bad.append(f"{name} must be a finite number {text}, got {value!r}")
         if problem := device_problem(self.device, "device"):
             bad.append(problem)
         if bad:
             raise ConfigError("invalid train config: " + "; ".join(bad))
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -133,10 +129,6 @@ class TrainResult:
     last_step: int = 0
     stop_signal: int = 0  # the SIGTERM/SIGINT that stopped the run early (after a checkpoint), or 0
     last_checkpoint: Path | None = None
-
-    @property
-    def stopped_by_signal(self) -> bool:
-        return self.stop_signal != 0
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:

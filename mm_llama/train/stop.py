@@ -6,7 +6,7 @@ an interrupted run for a finished one.
 
 Schedulers (SLURM, Kubernetes, GNU `timeout`, `kill -- -PGID`) signal every process of the job at once, DataLoader
 workers included. A worker killed that way makes the DataLoader raise in the main process before it can checkpoint,
-so the workers ignore both signals (`mm_llama.data.pipeline` starts them with `ignore_stop_signals`) and leave the
+so the workers ignore both signals (`mm_llama.data.pipeline` starts them with `_worker_signals`) and leave the
 decision to the main process, which shuts them down when it is done; a worker still exits when its parent dies.
 """
 
