@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -42,18 +43,16 @@ def make_corpus(work: Path, repeated: bool, n_docs: int = 2000) -> Path:
     see the same global batches, and their per-step losses must agree up to bf16 rounding.
     """
     from mm_llama.data.pack import pack
-    from mm_llama.data.synth_text import synth_text
+    from mm_llama.data.synth_text import text_sample
 
     out = work / ("corpus-repeated" if repeated else "corpus")
     if (out / "done").exists():
         return out
-    sentences = work / "sentences"
-    if not any(sentences.glob("*.tar")):
-        synth_text(sentences, n_docs * 40, seed=0, shard_size=10_000)
-    import webdataset as wds
-
-    shards = [str(p) for p in sorted(sentences.glob("*.tar"))]
-    texts = [sample["txt"].decode() for sample in wds.WebDataset(shards, shardshuffle=False)]
+    rng, texts = random.Random(0), []
+    while len(texts) < n_docs * 40:  # the plain-text descriptions (a third of the corpus's samples; the rest are chats)
+        sample = text_sample(rng)
+        if "txt" in sample:
+            texts.append(sample["txt"].decode())
     lines = out.with_suffix(".jsonl")
     with open(lines, "w") as f:
         for i in range(n_docs):

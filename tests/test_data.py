@@ -1,4 +1,5 @@
-"""Data tests: text batches (shapes, padding, truncation), determinism and resume, bad samples, pack, synth_text.
+"""Data tests: text batches (shapes, padding, truncation, chat dialogs), determinism and resume, bad samples, pack,
+synth_text.
 
 Every shard is written by the test itself (webdataset's ShardWriter or our `pack`), with a byte-level tokenizer.
 """
@@ -14,7 +15,16 @@ import pytest
 import torch
 import webdataset as wds
 
-from mm_llama.data import SkipCounter, TextBatches, TextDataConfig, expand_shards, pack, synth_text
+from mm_llama.data import (
+    BadSample,
+    SkipCounter,
+    TextBatches,
+    TextDataConfig,
+    decode_text,
+    expand_shards,
+    pack,
+    synth_text,
+)
 from mm_llama.errors import ConfigError, DataError, InputError
 from mm_llama.tokenizer import Tokenizer, load_ranks, write_ranks
 
@@ -391,30 +401,59 @@ def test_pack_refuses_old_shards(tmp_path):
 
 # --- synth_text ----------------------------------------------------------------------------------------------------
 
-LINE = re.compile(r"(?:[A-Z][a-z ]+\.|Q: [A-Z][a-z ]+\? A: [A-Z][a-z, ]+\.)")
+SENTENCES = re.compile(r"[A-Z][A-Za-z ,:]+[.?!](?: [A-Z][A-Za-z ,:]+[.?!])*")  # capitalised, ASCII, punctuated
 
 
-def shard_texts(paths: list[Path]) -> list[str]:
-    return [data.decode("ascii") for p in paths for _, data in members(p)]
+def shard_samples(paths: list[Path]) -> list[tuple[str, str]]:
+    """(member extension, text) per sample."""
+    return [(name.rsplit(".", 1)[1], data.decode("ascii")) for p in paths for name, data in members(p)]
 
 
 def test_synth_text(tmp_path, tok_path):
-    paths = synth_text(tmp_path / "a", 30, seed=3, shard_size=8)
+    paths = synth_text(tmp_path / "a", 60, seed=3, shard_size=16)
     assert [p.name for p in paths] == [f"text-{i:06d}.tar" for i in range(4)]
-    texts = shard_texts(paths)
-    assert len(texts) == 30 and len(set(texts)) == 30
+    samples = shard_samples(paths)
+    assert len(samples) == 60 and len(set(samples)) == 60
+    texts = [t for ext, t in samples if ext == "txt"]
+    dialogs = [json.loads(t)["messages"] for ext, t in samples if ext == "json"]
+    assert len(texts) + len(dialogs) == 60 and len(texts) >= 10 and len(dialogs) >= 20  # a third are descriptions
     lines = [line for t in texts for line in t.split("\n")]
-    assert all(LINE.fullmatch(line) for line in lines), [x for x in lines if not LINE.fullmatch(x)][:3]
-    assert any(line.startswith("Q: What colour is the") for line in lines)
-    assert any(" is left of " in line or " is right of " in line for line in lines)
-    again = synth_text(tmp_path / "b", 30, seed=3, shard_size=8)
+    turns = [m["content"] for messages in dialogs for m in messages]
+    assert all(SENTENCES.fullmatch(x) for x in lines + turns), [x for x in lines + turns if not SENTENCES.fullmatch(x)]
+    assert any(re.search(r" is (left|right) of | is (above|below) ", line) for line in lines)
+    for messages in dialogs:
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        assert messages[0]["content"].endswith(("?", ".")) and all(m["content"].strip() for m in messages)
+    again = synth_text(tmp_path / "b", 60, seed=3, shard_size=16)
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]  # byte-identical shards
-    assert shard_texts(synth_text(tmp_path / "c", 30, seed=4, shard_size=8)) != texts
+    assert shard_samples(synth_text(tmp_path / "c", 60, seed=4, shard_size=16)) != samples
     tok = Tokenizer.from_file(tmp_path / "a" / "tokenizer.model")
     assert tok.n_words == 512 and load_ranks(tmp_path / "a" / "tokenizer.model") == BYTE_RANKS
-    (batch,) = take(TextBatches(config(tmp_path / "a", tmp_path / "a" / "tokenizer.model", batch_size=30)), 1)
-    # Rows hold at most 64 tokens: bos + 62 bytes + eos, or bos + 63 bytes of a longer text (no eos).
-    assert sorted(texts_of(batch, tok)) == sorted(t if len(t) <= 62 else t[:63] for t in texts)
+    cfg = config(tmp_path / "a", tmp_path / "a" / "tokenizer.model", batch_size=60, seq_len=1024)
+    (batch,) = take(TextBatches(cfg), 1)
+    assert batch["skipped"] == 0
+    rows = sorted(tuple(row[mask].tolist()) for row, mask in zip(batch["tokens"], batch["mask"], strict=True))
+    expected = [tok.encode(t, bos=True, eos=True) for t in texts]
+    expected += [tok.encode_dialog(m, add_generation_prompt=False) for m in dialogs]
+    assert rows == sorted(tuple(x) for x in expected)  # txt as [bos] text [eos], json in the chat format
+
+
+@pytest.mark.parametrize(("sample", "message"), [
+    ({"json": b"[1, 2]"}, "'json' must be an object with a non-empty list 'messages'"),
+    ({"json": b'{"messages": []}'}, "'json' must be an object with a non-empty list 'messages'"),
+    ({"json": b'{"messages": [{"role": "robot", "content": "hi"}]}'}, "message 0 must be .*got {'role': 'robot'"),
+    ({"json": b'{"messages": [{"role": "user", "content": 3}]}'}, "message 0 must be"),
+    ({"json": b'{"messages": [{"role": "user", "content": "x", "name": "y"}]}'}, "message 0 must be"),
+    ({"json": b'{"messages": '}, "'json' is not UTF-8 JSON"),
+    ({"json": b'{"messages": [{"role": "user", "content": "x"}]}', "txt": b"x"}, "has both 'txt' and 'json'"),
+    ({"png": b"x"}, r"has neither 'txt' nor 'json' \(it has \['png'\]\)"),
+])  # fmt: skip
+def test_bad_dialog_samples(sample, message):
+    with pytest.raises(BadSample, match=message) as info:
+        decode_text({"__key__": "k1", "__url__": "u", **sample})
+    assert "sample k1" in str(info.value)
+    good = {"__key__": "k2", "json": b'{"messages": [{"role": "user", "content": "Hi!"}]}'}
+    assert decode_text(good) == [{"role": "user", "content": "Hi!"}]
 
 
 def test_write_ranks_round_trip(tmp_path):

@@ -68,10 +68,10 @@ def test_synth_is_deterministic_and_needs_the_image(shapes, tmp_path):
         qa = json.loads(tar.extractfile("000000003.json").read())
         png = tar.extractfile("000000003.png").read()
     assert names[:3] == ["000000000.json", "000000000.png", "000000000.txt"]
-    assert set(qa) == {"question", "answer"} and qa["question"].endswith("?")
+    assert set(qa) == {"question", "answer", "type"} and qa["question"].endswith("?")
     from PIL import Image
 
-    assert Image.open(io.BytesIO(png)).size == (64, 64)
+    assert Image.open(io.BytesIO(png)).size == (84, 84)
 
 
 def test_labels_cover_exactly_the_answer(shapes):

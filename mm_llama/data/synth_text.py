@@ -1,128 +1,115 @@
-"""The "shapes world" text corpus (DESIGN §7): short English descriptions of scenes of coloured shapes.
+"""The shapes-world text corpus of stage `lm` (see `mm_llama.data.world`): the whole language, and the chat format.
 
-Each sample describes one scene of 1-5 shapes on a 3 x 3 grid, in 3-6 lines such as
-    There are two green triangles.
-    The red circle is left of the blue square.
-    Q: What colour is the square? A: The square is blue.
-Every line is ASCII and true of its scene, so a tiny trunk (the `debug` preset, byte-level vocabulary of 512) can
-learn the language the image, video and speech stages later ground.
+The trunk learns the language once, here; the image, video and speech stages only add parts on the frozen trunk. So
+the corpus holds every sentence form those stages use, each grounded in text, in three roughly equal kinds of sample:
+
+    description (`txt`)   a caption of a scene, or of a clip with its events, then a few true statements:
+                              There is a big red circle at the top left and a small blue star in the middle.
+                              The circle is left of the star.
+                              There is no square.
+    chat (`json`)         {"messages": [{"role": "user", "content": "<caption or clip description> <question>"},
+                                        {"role": "assistant", "content": "<answer>"}]}, any image or video question
+                          type, answered by what the user turn describes (the caption stands where the image will)
+    dialogue (`json`)     1-3 spoken exchanges (`world_dialogue`), the caption before the first user line
+
+Every sample is ASCII, so the byte-level tokenizer written beside the shards (the `debug` trunk's 512 words) covers
+it; `TextBatches` encodes `json` samples with the chat format.
 """
 
 from __future__ import annotations
 
+import json
 import random
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 from mm_llama.data.pack import write_shards
+from mm_llama.data.world import check_split, random_scene
+from mm_llama.data.world_clips import describe_clip, random_clip, video_question
+from mm_llama.data.world_dialogue import dialogue
+from mm_llama.data.world_language import caption, image_question, relative_statements, statements, uncap
 from mm_llama.errors import InputError
 from mm_llama.tokenizer import write_ranks
 
-__all__ = ["COLOURS", "SHAPES", "scene_text", "synth_text"]
+__all__ = ["SAMPLE_KINDS", "synth_text", "text_sample"]
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle")
-_NUMBERS = ("no", "one", "two", "three", "four", "five")
-# Grid cell (row, col) → where it is, in words.
-_PLACES = {
-    (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
-    (1, 0): "on the left", (1, 1): "in the middle", (1, 2): "on the right",
-    (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
-}  # fmt: skip
-_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+SAMPLE_KINDS = ("description", "chat", "dialogue")
+_CLIP_SHARE = 1 / 3  # of descriptions and chats: the rest are about still scenes
 
 
-class _Shape(NamedTuple):
-    colour: str
-    kind: str
-    row: int
-    col: int
-
-    @property
-    def name(self) -> str:
-        return f"the {self.colour} {self.kind}"
-
-
-def _count(n: int, noun: str) -> str:
-    """"There is one circle" / "There are two circles" / "There are no circles"."""
-    return f"There is one {noun}" if n == 1 else f"There are {_NUMBERS[n]} {noun}s"
+def _description(rng: random.Random, split: str) -> str:
+    if rng.random() < _CLIP_SHARE:
+        clip = random_clip(rng, split)
+        lines = [describe_clip(clip, rng, split)]
+        facts = statements(clip.end) + relative_statements(clip.end)
+        lines += [f"At the end, {uncap(s)}" for s in rng.sample(facts, rng.randint(1, 2))]
+        return "\n".join(lines)
+    scene = random_scene(rng, split)
+    lines = [caption(scene, rng, split)]
+    relative = relative_statements(scene)
+    facts = rng.sample(statements(scene), rng.randint(1, 3)) + ([rng.choice(relative)] if relative else [])
+    return "\n".join(lines + rng.sample(facts, len(facts)))
 
 
-def _relations(a: _Shape, b: _Shape) -> list[str]:
-    """Every true "a is <relation> b"."""
-    out = []
-    if a.col != b.col:
-        out.append("left of" if a.col < b.col else "right of")
-    if a.row != b.row:
-        out.append("above" if a.row < b.row else "below")
-    return out
+def _chat(rng: random.Random, split: str) -> list[dict[str, str]]:
+    if rng.random() < _CLIP_SHARE:
+        clip = random_clip(rng, split)
+        context, qa = describe_clip(clip, rng, split), video_question(clip, rng, split)
+    else:
+        scene = random_scene(rng, split)
+        context, qa = caption(scene, rng, split), image_question(scene, rng, split)
+    return [{"role": "user", "content": f"{context} {qa.question}"}, {"role": "assistant", "content": qa.answer}]
 
 
-def _lines(shapes: list[_Shape], rng: random.Random) -> list[str]:
-    """All candidate lines about a scene (statements and Q/A), each true of it."""
-    groups = Counter((s.colour, s.kind) for s in shapes)
-    kinds = Counter(s.kind for s in shapes)
-    named = [s for s in shapes if groups[s.colour, s.kind] == 1]  # "the red circle" picks out exactly one shape
-    lines = [f"{_count(n, f'{colour} {kind}')}." for (colour, kind), n in groups.items()]
-    for s in named:
-        lines.append(f"{s.name.capitalize()} is {_PLACES[s.row, s.col]}.")
-        lines.append(f"Q: Where is {s.name}? A: {s.name.capitalize()} is {_PLACES[s.row, s.col]}.")
-    for kind in SHAPES:
-        answer = _count(kinds[kind], kind)
-        lines.append(f"Q: How many {kind}s are there? A: {answer}.")
-        only = [s for s in shapes if s.kind == kind]
-        if len(only) == 1:
-            lines.append(f"Q: What colour is the {kind}? A: The {kind} is {only[0].colour}.")
-    for a in named:
-        for b in named:
-            if a is b:
-                continue
-            true = _relations(a, b)
-            if not true:
-                continue
-            rel = rng.choice(true)
-            lines.append(f"{a.name.capitalize()} is {rel} {b.name}.")
-            asked = rel if rng.random() < 0.5 else _OPPOSITE[rel]
-            answer = "Yes" if asked in true else "No"
-            lines.append(f"Q: Is {a.name} {asked} {b.name}? A: {answer}, {a.name} is {rel} {b.name}.")
-    return lines
+def _dialogue(rng: random.Random, split: str) -> list[dict[str, str]]:
+    scene = random_scene(rng, split)
+    context, messages = caption(scene, rng, split), dialogue(scene, rng, split)
+    messages[0]["content"] = f"{context} {messages[0]['content']}"
+    return messages
 
 
-def scene_text(rng: random.Random) -> str:
-    """One sample: a random scene described in 3-6 lines (fewer when the scene offers fewer), joined by newlines.
+def text_sample(rng: random.Random, split: str = "train") -> dict[str, bytes]:
+    """One corpus sample of a uniformly drawn kind (SAMPLE_KINDS); the same `rng` state gives the same bytes.
 
     Args:
-        rng: the random source; the same state gives the same text.
+        rng: the random source.
+        split: "train" or "heldout": its scenes and sentences belong to it (see `mm_llama.data.world`).
     Returns:
-        the text, ASCII.
+        {"txt": description} or {"json": {"messages": [...]}}, ASCII bytes.
     """
-    cells = rng.sample(sorted(_PLACES), rng.randint(1, 5))
-    shapes = [_Shape(rng.choice(COLOURS), rng.choice(SHAPES), row, col) for row, col in cells]
-    lines = _lines(shapes, rng)
-    return "\n".join(rng.sample(lines, min(len(lines), rng.randint(3, 6))))
+    check_split(split)
+    kind = rng.choice(SAMPLE_KINDS)
+    while True:
+        try:
+            if kind == "description":
+                return {"txt": _description(rng, split).encode("ascii")}
+            messages = (_chat if kind == "chat" else _dialogue)(rng, split)
+            return {"json": json.dumps({"messages": messages}).encode("ascii")}
+        except InputError:  # no wording of this split for that scene or clip: draw another
+            continue
 
 
-def synth_text(out: Path, n: int, *, seed: int = 0, shard_size: int = 1000) -> list[Path]:
-    """Write `n` shapes-world text samples as `txt` shards, plus a byte-level `tokenizer.model`, into `out`.
+def synth_text(out: Path, n: int, *, seed: int = 0, split: str = "train", shard_size: int = 1000) -> list[Path]:
+    """Write `n` shapes-world text samples as shards, plus a byte-level `tokenizer.model`, into `out`.
 
     Args:
         out: output folder; shards are `out/text-000000.tar`, … and the tokenizer `out/tokenizer.model` (256 byte
             ranks, so n_words = 512: the `debug` trunk's vocabulary).
         n: number of samples.
         seed: the same seed gives the same corpus, byte for byte.
+        split: "train" or "heldout" (see `mm_llama.data.world`): the two never share a scene, caption or question.
         shard_size: samples per shard.
     Returns:
         the shard paths.
     """
+    check_split(split)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"n must be a positive number of samples, got {n!r}")
     rng = random.Random(seed)
 
     def samples() -> Iterator[dict[str, bytes]]:
         for _ in range(n):
-            yield {"txt": scene_text(rng).encode("ascii")}
+            yield text_sample(rng, split)
 
     paths = write_shards(Path(out), "text", samples(), shard_size=shard_size, total=n, desc="synth text")
     write_ranks(Path(out) / "tokenizer.model", {bytes([b]): b for b in range(256)})

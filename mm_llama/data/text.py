@@ -1,10 +1,15 @@
-"""Text shards (`txt` members) → padded token batches for the `lm` stage.
+"""Text shards → padded token batches for the `lm` stage.
+
+A sample is either plain text, a `txt` member, encoded as `<|begin_of_text|>` + text + `<|end_of_text|>`; or a chat
+dialogue, a `json` member {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]},
+encoded in the chat format (`Tokenizer.encode_dialog`, no generation prompt). The loss reads every token of both.
 
 Batch legend: B = batch_size rows, L = the longest row of the batch (≤ seq_len).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,7 +17,7 @@ import torch
 
 from mm_llama.data.pipeline import BadSample, ShardBatches, shard_config_problems
 from mm_llama.errors import ConfigError
-from mm_llama.tokenizer import Tokenizer
+from mm_llama.tokenizer import ROLES, Tokenizer
 
 __all__ = ["TextBatches", "TextDataConfig", "decode_text"]
 
@@ -51,32 +56,60 @@ class TextDataConfig:
             raise ConfigError("invalid TextDataConfig: " + "; ".join(problems))
 
 
-def decode_text(sample: dict) -> str:
-    """The `txt` member of a webdataset sample as text.
+_ACCEPTED = 'a \'txt\' member (UTF-8 text) or a \'json\' member {"messages": [{"role": ..., "content": "..."}, ...]}'
+
+
+def _messages(key: str, data: bytes) -> list[dict[str, str]]:
+    """The `json` member's messages, checked; `BadSample` naming what is wrong."""
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSample(f"sample {key}: 'json' is not UTF-8 JSON ({e}); a text sample holds {_ACCEPTED}") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise BadSample(f"sample {key}: 'json' must be an object with a non-empty list 'messages'; a text sample "
+                        f"holds {_ACCEPTED}")
+    for n, msg in enumerate(messages):
+        if not (isinstance(msg, dict) and msg.keys() == {"role", "content"} and msg["role"] in ROLES
+                and isinstance(msg["content"], str) and msg["content"].strip()):
+            raise BadSample(f"sample {key}: message {n} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": "
+                            f"a non-empty string}}, got {msg!r:.200}")
+    return messages
+
+
+def decode_text(sample: dict) -> str | list[dict[str, str]]:
+    """The text of a webdataset sample: its `txt` member, or its `json` member's chat messages.
 
     Args:
-        sample: {"__key__", "__url__", ext: bytes}.
+        sample: {"__key__", "__url__", ext: bytes}; exactly one of `txt` and `json`.
     Returns:
-        the text; `BadSample` when there is no `txt` member or it is not UTF-8 (the pipeline skips and counts it).
+        the text (str) or the messages (list of {"role", "content"}); `BadSample` (the pipeline skips and counts it)
+        when the sample has neither member or both, `txt` is not UTF-8, or `json` is not a valid dialog.
     """
-    data = sample.get("txt")
-    if data is None:
-        members = sorted(k for k in sample if not k.startswith("__"))
-        raise BadSample(f"sample {sample['__key__']} has no 'txt' member (it has {members})")
+    key = sample["__key__"]
+    members = sorted(k for k in sample if not k.startswith("__"))
+    if ("txt" in sample) == ("json" in sample):
+        what = "both 'txt' and 'json'" if "txt" in sample else f"neither 'txt' nor 'json' (it has {members})"
+        raise BadSample(f"sample {key} has {what}; a text sample holds {_ACCEPTED}")
+    if "json" in sample:
+        return _messages(key, sample["json"])
     try:
-        return data.decode("utf-8")
+        return sample["txt"].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadSample(f"sample {sample['__key__']}: 'txt' is not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise BadSample(f"sample {key}: 'txt' is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 class _TokenRow:
-    """text → [bos] + ids + [eos], cut to seq_len (a picklable callable for DataLoader workers)."""
+    """text → [bos] + ids + [eos], messages → the chat-format dialog; cut to seq_len (a picklable callable for
+    DataLoader workers)."""
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int):
         self.tokenizer, self.seq_len = tokenizer, seq_len
 
-    def __call__(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, bos=True, eos=True)[: self.seq_len]
+    def __call__(self, text: str | list[dict[str, str]]) -> list[int]:
+        if isinstance(text, str):
+            return self.tokenizer.encode(text, bos=True, eos=True)[: self.seq_len]
+        return self.tokenizer.encode_dialog(text, add_generation_prompt=False)[: self.seq_len]
 
 
 class _PadRows:
@@ -117,7 +150,8 @@ class TextBatches:
             start: index of the first batch; training passes its data position to resume.
         Returns:
             an iterator (endless when `resampled`) of {"tokens": LongTensor (B, L), "mask": BoolTensor (B, L),
-            "skipped": bad samples since the previous batch, "samples": B}. Rows are `[bos] + ids + [eos]` cut to
-            seq_len and right-padded with the tokenizer's pad id. `DataError` when too many samples are bad.
+            "skipped": bad samples since the previous batch, "samples": B}. Rows are `[bos] + ids + [eos]` (text) or
+            the chat-format dialog (messages), cut to seq_len and right-padded with the tokenizer's pad id. `DataError`
+            when too many samples are bad.
         """
         return self._source.batches(start)
