@@ -4,8 +4,9 @@
     mm-llama convert --input DIR --output DIR [--to meta|hf|ours] [--shards N]
     mm-llama export --checkpoint DIR --out DIR [--trunk DIR]   # self-contained copy of an adapter checkpoint
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
-    mm-llama data synth --kind text --out DIR --n N
+    mm-llama data synth --kind text|image --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
     mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
+    mm-llama demo [--checkpoint DIR] [--port N] [--host H]     # a chat in the browser (pip install "mm-llama[demo]")
 
 Errors a user can cause are `MMLlamaError`s: printed as one line on stderr, exit status 2, no traceback.
 """
@@ -16,18 +17,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from mm_llama.errors import MMLlamaError
+from mm_llama.errors import InputError, MMLlamaError
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    """--device and --dtype as a torch device and dtype (auto: the GPU if there is one; bf16 there, fp32 on the CPU)."""
+    from mm_llama.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device, "--device")
+    return device, resolve_dtype(args.dtype, device, "--dtype")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    import torch
-
     from mm_llama.api import Assistant
-    from mm_llama.devices import resolve_device
 
-    device = resolve_device(args.device, "--device")
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    dtype = dtypes[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = _device_and_dtype(args)
     # One path for every checkpoint kind (Meta, HF or mm-llama; a trunk or a model with parts).
     assistant = Assistant.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, hf_compat=args.hf_compat,
                                           dtype=dtype, device=device, compile=args.compile)
@@ -63,16 +67,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
+        common = {"seed": args.seed, "split": args.split, "shard_size": args.shard_size}
         if args.kind == "text":
-            from mm_llama.data.synth_text import synth_text as synth
+            from mm_llama.data.synth_text import synth_text
+
+            if args.size is not None:
+                raise InputError(f"--size {args.size} applies to --kind image only (text has no pixels)")
+            shards = synth_text(Path(args.out), args.n, **common)
         else:  # "image": the parser accepts only the kinds that exist
-            from mm_llama.data.synth_image import synth_image as synth
-        shards = synth(Path(args.out), args.n, seed=args.seed, shard_size=args.shard_size)
+            from mm_llama.data.synth_image import synth_image
+            from mm_llama.data.world_draw import DEFAULT_SIZE
+
+            size = DEFAULT_SIZE if args.size is None else args.size
+            shards = synth_image(Path(args.out), args.n, size=size, **common)
     else:
         from mm_llama.data.pack import pack
 
         shards = pack(args.kind, Path(args.input), Path(args.out), shard_size=args.shard_size)
     print(f"wrote {len(shards)} shard(s) to {args.out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from mm_llama.demo import launch
+
+    device, dtype = _device_and_dtype(args)
+    launch(args.checkpoint, host=args.host, port=args.port, device=device, dtype=dtype,
+           max_upload_mb=args.max_upload_mb)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -152,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--n", type=int, required=True, help="number of samples")
     synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same shards")
+    synth.add_argument("--split", default="train", choices=["train", "heldout"], help="which scenes and sentences: "
+                       "the two splits share none (evaluate on heldout)")
+    synth.add_argument("--size", type=int, help="image side in pixels, >= 30 (image only; default 84: cells of 28 px)")
     synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     pack = data_sub.add_parser("pack", help="pack a JSONL list of texts and files into shards")
     pack.add_argument("--kind", required=True, choices=["text", "image", "video", "speech"], help="sample layout")
@@ -159,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--out", required=True, help="output directory")
     pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     data.set_defaults(func=cmd_data)
+
+    demo = sub.add_parser("demo", help="chat with a checkpoint in the browser: image upload, streamed answers "
+                          '(needs pip install "mm-llama[demo]")')
+    demo.add_argument("--checkpoint", help="checkpoint directory, as for ask (default: the embedded demo model)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens the demo to the "
+                      "network (anyone who reaches it can use the model and upload files)")
+    demo.add_argument("--port", type=int, default=7860, help="TCP port")
+    demo.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N or mps")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                      help="weights' precision; auto: bf16 on a GPU, fp32 on the CPU")
+    demo.add_argument("--max-upload-mb", type=float, default=10, help="the largest file a user may upload, in MB")
+    demo.set_defaults(func=cmd_demo)
     _use_formatter(parser)
     return parser
 

@@ -1,5 +1,5 @@
 """The one place a device name a user typed becomes a `torch.device` (`--device`, `train.device`, `device=` in the
-API), and where a loader's `dtype=` is checked.
+API), a dtype name a `torch.dtype` (`--dtype`), and where a loader's `dtype=` is checked.
 
 `torch.device("tpu")` raises a bare RuntimeError listing PyTorch's internal device types, and `torch.device("cuda:7")`
 on a one-GPU machine only fails at the first kernel; both should be an `InputError` naming the value and what this
@@ -57,3 +57,24 @@ def check_dtype(dtype: object, what: str = "dtype") -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputError(f"{what} must be a floating-point torch.dtype (e.g. torch.bfloat16) or None (as stored), "
                          f"got {dtype!r}")
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(value: str | torch.dtype, device: torch.device, what: str = "dtype") -> torch.dtype:
+    """`value` as the weights' dtype on `device`; "auto" is bf16 on a CUDA GPU and fp32 elsewhere.
+
+    Args:
+        value: "auto", "bf16", "fp16", "fp32" or a floating-point `torch.dtype`.
+        device: where the weights will live (decides "auto").
+        what: how the value was given (e.g. "--dtype"), repeated in the error.
+    """
+    if isinstance(value, torch.dtype):
+        check_dtype(value, what)
+        return value
+    if value == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not isinstance(value, str) or value not in DTYPES:
+        raise InputError(f"{what} must be 'auto', {', '.join(repr(k) for k in DTYPES)} or a torch.dtype, got {value!r}")
+    return DTYPES[value]

@@ -1,0 +1,313 @@
+"""The Gradio demo (`mm-llama demo`): the page in a real browser (Debian's chromium through playwright), its `/chat`
+API through gradio_client, the chat function's answers to bad uploads and model errors, a text-only model, and what
+the server refuses to serve."""
+
+import io
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mm_llama.api import Assistant
+from mm_llama.demo import TEXT_ONLY, _write_examples, build_demo, chat_fn, launch
+from mm_llama.errors import InputError, MMLlamaError
+
+QUESTION = "How many shapes are there?"
+UPLOAD_MB = 0.25  # the served demo's limit: small files show both the chat's message and gradio's own ceiling (x4)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(corpus, tmp_path_factory) -> tuple[Path, Path]:
+    """(image checkpoint, its trunk): a debug trunk that has seen the shapes-world language (stage lm, 120 steps, so
+    that answers are words rather than random bytes the page would render as markdown), then 3 steps of stage
+    image-adapter on it."""
+    from mm_llama.config import from_dict
+    from mm_llama.data.synth_image import synth_image
+    from mm_llama.llama import LlamaConfig
+    from mm_llama.train.checkpoint import latest_checkpoint
+    from mm_llama.train.image_adapter import ImageAdapterStage, ImageAdapterStageConfig
+    from mm_llama.train.lm import LMStage, LMStageConfig
+    from mm_llama.train.loop import train
+
+    root = tmp_path_factory.mktemp("demo-ckpt")
+    data = {"shards": str(corpus), "tokenizer": str(corpus / "tokenizer.model"), "seq_len": 64, "shuffle_buffer": 50}
+    config = from_dict(LMStageConfig, {"model": vars(LlamaConfig.preset("debug")), "data": data, "train": {
+        "out_dir": str(root / "lm"), "steps": 120, "lr": 3e-3, "warmup_steps": 3, "checkpoint_every": 120,
+        "device": "cpu"}})
+    train(LMStage(config), config.train)
+    trunk = latest_checkpoint(root / "lm")
+    shapes = root / "shapes"
+    synth_image(shapes, 40, seed=0, shard_size=40)
+    data = {"shards": str(shapes), "tokenizer": str(shapes / "tokenizer.model"), "tile_size": 28, "max_tiles": 4,
+            "seq_len": 128, "batch_size": 8, "shuffle_buffer": 10}
+    config = from_dict(ImageAdapterStageConfig, {
+        "trunk": str(trunk), "vision": "debug", "adapter": {"n_layers": 2}, "data": data,
+        "train": {"out_dir": str(root / "run"), "steps": 3, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": 3,
+                  "device": "cpu"}})
+    train(ImageAdapterStage(config), config.train)
+    return latest_checkpoint(root / "run"), trunk
+
+
+@pytest.fixture(scope="module")
+def assistant(checkpoints) -> Assistant:
+    return Assistant.from_pretrained(checkpoints[0], dtype=torch.float32)  # what the CLI loads on the CPU (auto)
+
+
+@pytest.fixture(scope="module")
+def shapes_png(tmp_path_factory) -> Path:
+    """A shapes-world image, drawn as the demo draws its examples."""
+    return Path(_write_examples(tmp_path_factory.mktemp("png"), n=1)[0]["files"][0])
+
+
+@pytest.fixture(scope="module")
+def expected(assistant, shapes_png) -> str:
+    answer = assistant.ask(QUESTION, image=shapes_png)  # greedy: the page must show exactly this
+    assert answer.strip()
+    return answer
+
+
+def write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def corrupt_png(tmp_path: Path) -> str:
+    return write(tmp_path / "corrupt.png", random.Random(0).randbytes(2000))
+
+
+def ask(chat, text: str, *files) -> list[str]:
+    return list(chat({"text": text, "files": [str(f) for f in files]}, []))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mm_llama_command() -> list[str]:
+    script = Path(sys.executable).with_name("mm-llama")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mm_llama.cli"]
+
+
+# The chat function, called directly.
+
+def test_answers_stream_and_equal_ask(assistant, shapes_png, expected):
+    chat = chat_fn(assistant)
+    pieces = ask(chat, QUESTION, shapes_png)
+    assert pieces[-1] == expected and len(pieces) > 1
+    assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:], strict=False))  # the growing answer
+    # A stopped answer (gradio closes the generator) frees the model; two at once take turns with its caches.
+    stopped = chat({"text": QUESTION, "files": [str(shapes_png)]}, [])
+    next(stopped)
+    stopped.close()
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(ask(chat, QUESTION, shapes_png)[-1])) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert answers == [expected, expected]
+
+
+def test_bad_uploads_are_answered_in_the_chat(assistant, shapes_png, tmp_path):
+    chat = chat_fn(assistant, max_upload_mb=0.01)  # 10,485 bytes
+    for name in ("notes.txt", "speech.wav", "no-suffix"):
+        (message,) = ask(chat, QUESTION, write(tmp_path / name, b"RIFF....WAVE" + bytes(100)))
+        assert message.startswith("⚠️ ") and f"{name} is not an image this demo reads" in message
+        assert "PNG, JPEG" in message and "0.01 MB" in message
+    (message,) = ask(chat, QUESTION, write(tmp_path / "big.png", bytes(20_000)))
+    assert "big.png is 0.0191 MB, over the upload limit" in message and "at most 0.01 MB" in message
+    (message,) = ask(chat, QUESTION, corrupt_png(tmp_path))
+    assert "corrupt.png cannot be read as an image: it is corrupt, truncated" in message
+    png = shapes_png.read_bytes()
+    truncated = write(tmp_path / "truncated.png", png[: len(png) // 2])  # a valid header, half the pixels
+    assert "truncated.png cannot be read as an image" in ask(chat, QUESTION, truncated)[0]
+    # One bad file among good ones is named; nothing is asked of the model.
+    (message,) = ask(chat, QUESTION, shapes_png, tmp_path / "corrupt.png")
+    assert "corrupt.png cannot be read" in message
+    (message,) = ask(chat_fn(assistant, max_pixels=1000), QUESTION, shapes_png)
+    assert "shapes-0.png has 84x84 pixels, more than the limit of 1,000" in message
+    assert ask(chat, "", shapes_png) == ["⚠️ Type a question about the image."]
+    with pytest.raises(InputError, match="max_upload_mb must be a number > 0"):
+        chat_fn(assistant, max_upload_mb=0)
+
+
+def test_model_errors_are_answered_in_the_chat(assistant, shapes_png):
+    chat = chat_fn(assistant)
+    (message,) = ask(chat, QUESTION, *[shapes_png] * 9)
+    assert message == "⚠️ sample 0 has 9 images, more than the 8 accepted"
+    (message,) = ask(chat, "Why? " * 100)  # 500 byte tokens: the debug trunk's context is 256
+    assert message.startswith("⚠️ the prompt of") and "leaves no room for an answer" in message
+
+
+def test_a_text_only_model_answers_text_and_says_so_for_images(checkpoints, shapes_png):
+    trunk = Assistant.from_pretrained(checkpoints[1], dtype=torch.float32)
+    chat = chat_fn(trunk)
+    assert ask(chat, QUESTION, shapes_png) == [f"⚠️ {TEXT_ONLY}"]
+    assert "answers text only" in TEXT_ONLY
+    assert ask(chat, QUESTION)[-1] == trunk.ask(QUESTION)
+    demo = build_demo(trunk, examples=[{"text": QUESTION, "files": [str(shapes_png)]}])
+    assert demo.examples == [{"text": QUESTION, "files": []}]  # a text model's examples are its questions
+
+
+def test_gradio_is_imported_only_by_the_demo(assistant, monkeypatch):
+    code = ("import sys, mm_llama, mm_llama.api, mm_llama.cli, mm_llama.demo; "
+            "assert 'gradio' not in sys.modules, 'gradio was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed: `import gradio` raises ImportError
+    with pytest.raises(MMLlamaError, match=r'the demo needs gradio.*pip install "mm-llama\[demo\]"'):
+        build_demo(assistant)
+
+
+def test_launch_says_what_is_wrong_before_loading_the_model(checkpoints):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The command prints these as one line and exits with status 2.
+        with pytest.raises(InputError, match=rf"cannot listen on 127.0.0.1:{port}: .*is port {port} in use\?"):
+            launch(checkpoints[0], port=port)
+    with pytest.raises(InputError, match=r"dtype must be 'auto', 'bf16', 'fp16', 'fp32' or a torch.dtype, got 'fp8'"):
+        launch(checkpoints[0], port=free_port(), dtype="fp8")
+    with pytest.raises(InputError, match="max_upload_mb must be a number > 0, got -1"):
+        launch(checkpoints[0], max_upload_mb=-1)
+
+
+# The served demo: the real command, a browser, the API.
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    """`mm-llama demo` on a free port, in a folder of its own with TMPDIR of its own; yields its URL. On the way out:
+    SIGTERM ends it with status 0, its private folder is gone and it wrote nothing where it ran."""
+    cwd, tmp = tmp_path_factory.mktemp("demo-cwd"), tmp_path_factory.mktemp("demo-tmp")
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    log = tmp_path_factory.mktemp("demo-log") / "stderr.txt"  # a file: a full pipe would stall the server
+    with log.open("w") as stderr:
+        process = subprocess.Popen(mm_llama_command() + [
+            "demo", "--checkpoint", str(checkpoints[0]), "--port", str(free_port()), "--max-upload-mb",
+            str(UPLOAD_MB)], stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("http://" in line for line in lines):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the demo did not print its URL (status {process.poll()}): {''.join(lines)}"
+                            f"{log.read_text()}")
+            time.sleep(0.1)
+        url = next(line for line in lines if "http://" in line).split()[-1]
+        assert url.startswith("http://127.0.0.1:")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            status = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert status == 0, log.read_text()
+    assert not list(tmp.glob("mm-llama-demo-*")), "the private folder of uploads and examples was left behind"
+    assert not list(cwd.iterdir()), f"the demo wrote {list(cwd.iterdir())} where it ran"
+
+
+def test_the_page_in_a_browser(server, shapes_png, expected, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    elsewhere: list[str] = []
+
+    def local_only(route):
+        if route.request.url.startswith(server):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    too_large = write(tmp_path / "too-large.png", bytes(int(0.3 * 2**20)))
+    over_ceiling = write(tmp_path / "over-ceiling.png", bytes(4 * int(UPLOAD_MB * 2**20) + 1))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1800})  # tall: the screenshot shows it all
+            page.route("**/*", local_only)
+            page.goto(server)
+            upload, textbox = page.locator("input[type=file]"), page.locator("textarea")
+            answers = page.locator("[data-testid=bot]")
+
+            def send(text: str, file: str) -> str:
+                """Upload `file`, ask `text`, wait for the answer to finish streaming; the answer shown."""
+                n = answers.count()
+                upload.set_input_files(file)
+                expect(page.locator("[aria-label='File thumbnail']")).to_have_count(1)  # uploaded
+                textbox.fill(text)
+                textbox.press("Enter")
+                expect(answers).to_have_count(n + 1, timeout=60_000)
+                expect(textbox).to_be_editable(timeout=60_000)  # the textbox is disabled while the answer streams
+                return answers.nth(n).inner_text()
+
+            assert " ".join(send(QUESTION, str(shapes_png)).split()) == " ".join(expected.split())
+            shown = send("What is this?", corrupt_png(tmp_path))
+            assert "corrupt.png cannot be read as an image: it is corrupt, truncated" in shown
+            assert "is not an image this demo reads" in send("And this?", write(tmp_path / "notes.txt", b"hi"))
+            assert "too-large.png is 0.3 MB, over the upload limit" in send("And this?", too_large)
+            # Over gradio's own ceiling the upload never starts: gradio's error toast, nothing in the chat.
+            n = answers.count()
+            upload.set_input_files(over_ceiling)
+            expect(page.get_by_text("File(s) exceed the maximum allowed size of 1.0 Mb")).to_be_visible()
+            page.screenshot(path=tmp_path / "demo.png")  # a test artifact: the conversation and the toast
+            assert answers.count() == n
+            expect(page.get_by_text(QUESTION)).to_have_count(1)  # earlier turns stay on the page
+        finally:
+            browser.close()
+    assert not elsewhere, f"the page asked for something other than the demo: {elsewhere}"
+
+
+def test_the_chat_api_through_gradio_client(server, shapes_png, expected, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # the client's telemetry (its own flag alone is ignored)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False, download_files=False, analytics_enabled=False)
+    job = client.submit({"text": QUESTION, "files": [handle_file(shapes_png)]}, api_name="/chat")
+    assert job.result(timeout=60) == expected
+    pieces = job.outputs()
+    assert len(pieces) > 1 and all(b.startswith(a) for a, b in zip(pieces, pieces[1:], strict=False))
+    message = client.predict({"text": "What is this?", "files": [handle_file(corrupt_png(tmp_path))]},
+                             api_name="/chat")
+    assert message.startswith("⚠️ corrupt.png cannot be read as an image")
+
+
+def test_the_server_serves_no_other_file(server):
+    import httpx
+
+    for path in ("/etc/passwd", __file__, str(Path.cwd() / "pyproject.toml")):
+        assert httpx.get(f"{server}gradio_api/file={path}").status_code == 403, path
+    # gradio would fetch a URL itself and stream it back; the demo refuses.
+    response = httpx.get(f"{server}gradio_api/file=https://example.com/cat.png")
+    assert response.status_code == 403 and response.text == "this demo serves no URLs"
+    assert httpx.get(f"{server}gradio_api/file=HTTP%3A//example.com/").status_code == 403
+    assert httpx.get(f"{server}monitoring").status_code != 200
+
+
+def test_example_images_are_shapes_world_pngs(tmp_path):
+    examples = _write_examples(tmp_path, n=3)
+    assert len(examples) == 3 and all(e["text"].endswith("?") for e in examples)
+    for example in examples:
+        (path,) = example["files"]
+        assert Path(path).parent == tmp_path
+        assert Image.open(io.BytesIO(Path(path).read_bytes())).mode == "RGB"
