@@ -24,7 +24,7 @@ from encoders.image_transform import Images
 from mm_llama.errors import InputError
 from mm_llama.generate import Generator, Sampling
 from mm_llama.media import Media
-from mm_llama.paths import local_path
+from mm_llama.paths import checkpoint_path, local_path
 from mm_llama.tokenizer import Tokenizer, find_tokenizer
 
 MAX_IMAGES = 8  # images per question: bounds the cross-attention memory (each 4-tile 560-px image is 6,404 tokens)
@@ -59,7 +59,7 @@ class Assistant:
         """
         from mm_llama.checkpoints import detect_format, load_mmllama
 
-        path = local_path(path, "checkpoint directory")
+        path = checkpoint_path(path)
         detect_format(path)  # a missing or unrecognisable directory is the first thing to say
         # The tokenizer next: a missing file should not cost loading the weights.
         tok = Tokenizer.from_file(local_path(tokenizer, "tokenizer")) if tokenizer else _checkpoint_tokenizer(path)

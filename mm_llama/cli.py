@@ -6,6 +6,8 @@
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
     mm-llama data synth --kind text|image --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
     mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
+    mm-llama eval [--checkpoint DIR] --suite shapes [--n-per-type N] [--json FILE]  # held-out accuracy table
+    mm-llama recipe demo --out DIR [--size full|tiny]        # train the embedded demo model, every stage in turn
     mm-llama demo [--checkpoint DIR] [--port N] [--host H]     # a chat in the browser (pip install "mm-llama[demo]")
 
 Errors a user can cause are `MMLlamaError`s: printed as one line on stderr, exit status 2, no traceback.
@@ -87,6 +89,30 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"wrote {len(shards)} shard(s) to {args.out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from mm_llama.api import Assistant
+    from mm_llama.evaluation.runner import evaluate
+    from mm_llama.evaluation.tasks import suite_tasks
+
+    suite_tasks(args.suite, args.task)  # an unknown suite or task is said before the model loads
+    device, dtype = _device_and_dtype(args)
+    assistant = Assistant.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+    report = evaluate(assistant, args.suite, n_per_type=args.n_per_type, seed=args.seed, tasks=args.task,
+                      checkpoint=str(args.checkpoint))
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from mm_llama.recipe import run_recipe
+
+    return run_recipe(args.recipe, args.out, size=args.size, skip_eval=args.no_eval)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from mm_llama.demo import launch
 
@@ -121,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question with a checkpoint (streamed to stdout)")
     ask.add_argument("question", help="the question (quote it)")
-    ask.add_argument("--checkpoint", required=True, help="checkpoint directory: Meta, Hugging Face or mm-llama; a "
-                     "Llama 3 trunk, Llama 3.2 Vision or a model trained by mm-llama's stages")
+    ask.add_argument("--checkpoint", default="demo", help="checkpoint directory: Meta, Hugging Face or mm-llama; a "
+                     "Llama 3 trunk, Llama 3.2 Vision or a model trained by mm-llama's stages; 'demo' is the small "
+                     "shapes-world model inside the package (a local folder named demo: ./demo)")
     ask.add_argument("--tokenizer", help="tokenizer.model (default: the one in the checkpoint directory)")
     ask.add_argument("--system", help="system prompt")
     ask.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer in tokens (it also ends at a "
@@ -182,6 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--out", required=True, help="output directory")
     pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     data.set_defaults(func=cmd_data)
+
+    evaluation = sub.add_parser("eval", help="accuracy on a held-out suite, per task and question type")
+    evaluation.add_argument("--checkpoint", default="demo", help="checkpoint directory, as for ask (default: the "
+                            "embedded demo model)")
+    evaluation.add_argument("--suite", required=True, choices=["shapes"], help="shapes: the shapes world's held-out "
+                            "split (text-qa: a caption and a question; image-qa: the picture and a question)")
+    evaluation.add_argument("--task", action="append", help="run only this task (repeat for several)")
+    evaluation.add_argument("--n-per-type", type=int, default=50, help="questions per question type of each task")
+    evaluation.add_argument("--seed", type=int, default=0, help="which held-out questions (the same seed, the same)")
+    evaluation.add_argument("--json", help="also write the report as JSON to this file")
+    evaluation.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N or mps")
+    evaluation.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                            help="weights' precision; auto: bf16 on a GPU, fp32 on the CPU")
+    evaluation.set_defaults(func=cmd_eval)
+
+    recipe = sub.add_parser("recipe", help="train a model from nothing, every stage in turn (resumable: run the "
+                            "same command again after an interruption)")
+    recipe.add_argument("recipe", choices=["demo"], help="demo: the embedded shapes-world model (lm -> image-adapter)")
+    recipe.add_argument("--out", required=True, help="run folder: data, each stage's checkpoints, model/, eval.json")
+    recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (about 10 "
+                        "minutes on one H200); tiny: every step with a handful of training steps (a CPU minute)")
+    recipe.add_argument("--no-eval", action="store_true", help="skip the final mm-llama eval --suite shapes")
+    recipe.set_defaults(func=cmd_recipe)
 
     demo = sub.add_parser("demo", help="chat with a checkpoint in the browser: image upload, streamed answers "
                           '(needs pip install "mm-llama[demo]")')

@@ -27,3 +27,15 @@ def local_path(value: object, what: str) -> Path:
     if not isinstance(value, str | os.PathLike):
         raise InputError(f"{what} must be a path (str or pathlib.Path), got {type(value).__name__}")
     return Path(value)
+
+
+# Models that ship inside the package, by name -> their folder in `mm_llama/`. A bare name always means the shipped
+# model (a local folder of that name is "./demo"), so that the same command means the same thing in any directory.
+EMBEDDED_MODELS = {"demo": "demo_model"}
+
+
+def checkpoint_path(value: object, what: str = "checkpoint directory") -> Path:
+    """A checkpoint argument as a directory: an embedded model's name ("demo") or a local path (`local_path`)."""
+    if isinstance(value, str) and value in EMBEDDED_MODELS:
+        return Path(__file__).parent / EMBEDDED_MODELS[value]
+    return local_path(value, what)

@@ -69,6 +69,22 @@ def shapes_png(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def held_out_scene(tmp_path_factory) -> tuple[Path, str]:
+    """The first held-out shapes-world scene of seed 0 as a PNG, and the world's answer to QUESTION about it: what
+    the served demo (the embedded model) must say."""
+    from mm_llama.data.world import random_scene
+    from mm_llama.data.world_draw import draw_scene
+    from mm_llama.data.world_language import questions
+
+    rng = random.Random(0)
+    scene = random_scene(rng, "heldout")
+    path = tmp_path_factory.mktemp("held-out") / "scene.png"
+    draw_scene(scene, 84, rng).save(path)
+    (truth,) = [q.answer for q in questions(scene, "count") if q.question == QUESTION]
+    return path, truth
+
+
+@pytest.fixture(scope="module")
 def expected(assistant, shapes_png) -> str:
     answer = assistant.ask(QUESTION, image=shapes_png)  # greedy: the page must show exactly this
     assert answer.strip()
@@ -187,8 +203,9 @@ def test_launch_says_what_is_wrong_before_loading_the_model(checkpoints):
 # The served demo: the real command, a browser, the API.
 
 @pytest.fixture(scope="module")
-def server(checkpoints, tmp_path_factory):
-    """`mm-llama demo` on a free port, in a folder of its own with TMPDIR of its own; yields its URL. On the way out:
+def server(tmp_path_factory):
+    """`mm-llama demo` (the embedded model: no --checkpoint) on a free port, in a folder of its own with TMPDIR of its
+    own; yields its URL. On the way out:
     SIGTERM ends it with status 0, its private folder is gone and it wrote nothing where it ran."""
     cwd, tmp = tmp_path_factory.mktemp("demo-cwd"), tmp_path_factory.mktemp("demo-tmp")
     env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
@@ -196,7 +213,7 @@ def server(checkpoints, tmp_path_factory):
     log = tmp_path_factory.mktemp("demo-log") / "stderr.txt"  # a file: a full pipe would stall the server
     with log.open("w") as stderr:
         process = subprocess.Popen(mm_llama_command() + [
-            "demo", "--checkpoint", str(checkpoints[0]), "--port", str(free_port()), "--max-upload-mb",
+            "demo", "--port", str(free_port()), "--max-upload-mb",
             str(UPLOAD_MB)], stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd, env=env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
@@ -223,7 +240,7 @@ def server(checkpoints, tmp_path_factory):
     assert not list(cwd.iterdir()), f"the demo wrote {list(cwd.iterdir())} where it ran"
 
 
-def test_the_page_in_a_browser(server, shapes_png, expected, tmp_path):
+def test_the_page_in_a_browser(server, held_out_scene, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
@@ -260,7 +277,8 @@ def test_the_page_in_a_browser(server, shapes_png, expected, tmp_path):
                 expect(textbox).to_be_editable(timeout=60_000)  # the textbox is disabled while the answer streams
                 return answers.nth(n).inner_text()
 
-            assert " ".join(send(QUESTION, str(shapes_png)).split()) == " ".join(expected.split())
+            scene_png, truth = held_out_scene
+            assert " ".join(send(QUESTION, str(scene_png)).split()) == truth  # the embedded model is right
             shown = send("What is this?", corrupt_png(tmp_path))
             assert "corrupt.png cannot be read as an image: it is corrupt, truncated" in shown
             assert "is not an image this demo reads" in send("And this?", write(tmp_path / "notes.txt", b"hi"))
@@ -277,14 +295,14 @@ def test_the_page_in_a_browser(server, shapes_png, expected, tmp_path):
     assert not elsewhere, f"the page asked for something other than the demo: {elsewhere}"
 
 
-def test_the_chat_api_through_gradio_client(server, shapes_png, expected, tmp_path, monkeypatch):
+def test_the_chat_api_through_gradio_client(server, held_out_scene, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # the client's telemetry (its own flag alone is ignored)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False, download_files=False, analytics_enabled=False)
-    job = client.submit({"text": QUESTION, "files": [handle_file(shapes_png)]}, api_name="/chat")
-    assert job.result(timeout=60) == expected
+    job = client.submit({"text": QUESTION, "files": [handle_file(held_out_scene[0])]}, api_name="/chat")
+    assert job.result(timeout=60) == held_out_scene[1]
     pieces = job.outputs()
     assert len(pieces) > 1 and all(b.startswith(a) for a, b in zip(pieces, pieces[1:], strict=False))
     message = client.predict({"text": "What is this?", "files": [handle_file(corrupt_png(tmp_path))]},

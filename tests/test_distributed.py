@@ -98,6 +98,7 @@ def test_image_adapter_trains_sharded_with_a_frozen_trunk(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), "-m", "mm_llama.cli", "train", "image-adapter", "--config",
                str(REPO / "configs" / "demo" / "image_adapter.yaml"), "--trunk=null", "--trunk_preset=debug",
+               "--adapter.n_layers=2",  # the demo config's 3 blocks need the demo trunk's 6 layers; debug has 2
                f"--data.shards={tmp_path / 'img'}", f"--data.tokenizer={tmp_path / 'img' / 'tokenizer.model'}",
                "--data.num_workers=0", "--data.batch_size=2", f"--train.out_dir={tmp_path / 'run'}",
                "--train.steps=3", "--train.log_every=1", "--train.device=cpu"]

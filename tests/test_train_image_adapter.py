@@ -243,6 +243,7 @@ def test_command_line_synth_and_train(tmp_path):
     assert result.returncode == 0 and "wrote 2 shard(s)" in result.stdout, result.stderr
     config = Path(__file__).resolve().parents[1] / "configs" / "demo" / "image_adapter.yaml"
     result = cli("train", "image-adapter", "--config", str(config), "--trunk=null", "--trunk_preset=debug",
+                 "--adapter.n_layers=2",  # the demo config's 3 blocks need the demo trunk's 6 layers; debug has 2
                  f"--data.shards={tmp_path / 'img'}", f"--data.tokenizer={tmp_path / 'img' / 'tokenizer.model'}",
                  "--data.num_workers=0", "--data.batch_size=4", f"--train.out_dir={tmp_path / 'run'}",
                  "--train.steps=2", "--train.device=cpu")

@@ -198,3 +198,33 @@ def test_cast_frozen_keeps_trainables_fp32_and_buffers_untouched():
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if n.startswith(("layers.0.", "tok_embeddings.")))
     assert all(d == torch.float32 for n, d in dtypes.items() if n.startswith("layers.1."))
     assert {name: b.dtype for name, b in model.named_buffers()} == buffers
+
+
+def test_assistant_weight_flags_exactly_the_assistant_messages_and_weighs_their_loss(corpus, tmp_path):
+    from mm_llama.data.text import _PadRows, _TokenRow
+    from mm_llama.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(corpus / "tokenizer.model")
+    messages = [{"role": "user", "content": "Where is the star?"}, {"role": "assistant", "content": "At the top."}]
+    ids, flags = _TokenRow(tok, 512)(messages)
+    assert ids == tok.encode_dialog(messages, add_generation_prompt=False)
+    n_assistant = len(tok.encode_message("assistant", "At the top."))
+    assert flags == [False] * (len(ids) - n_assistant) + [True] * n_assistant
+    assert _TokenRow(tok, 512)("plain text")[1] == [False] * 12  # bos + 10 bytes + eos
+    batch = _PadRows(tok.pad_id)([(ids, flags), _TokenRow(tok, 512)("plain text")])
+    assert batch["assistant"].sum() == n_assistant and not batch["assistant"][1].any()
+
+    # The loss: each target token's cross-entropy, times 3 where the target is an assistant message's token.
+    stage = LMStage(load_config(LMStageConfig, DEMO_CONFIG, [*overrides(corpus, tmp_path), "--assistant_weight=3"]))
+    torch.manual_seed(0)
+    model = stage.build(type("R", (), {"device": torch.device("cpu")})())
+    with torch.no_grad():
+        weighted = stage.loss(model, batch)
+        logits = model(batch["tokens"][:, :-1])
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["tokens"][:, 1:].flatten(),
+                                               reduction="none").view(2, -1)
+        ce = ce * batch["mask"][:, 1:]
+        expected = ce.sum() + 2 * (ce * batch["assistant"][:, 1:]).sum()
+    assert torch.allclose(weighted, expected, rtol=1e-5)
+    with pytest.raises(Exception, match="assistant_weight must be a positive number"):
+        load_config(LMStageConfig, DEMO_CONFIG, [*overrides(corpus, tmp_path), "--assistant_weight=0"])

@@ -168,7 +168,7 @@ def test_demo_config_loads():
 
     config = load_config(VisionPretrainStageConfig, Path(__file__).resolve().parents[1] / "configs" / "demo" /
                          "vision_pretrain.yaml")
-    assert config.text_pretrained is None and config.data.task == "caption" and config.vision.tile_size == 56
+    assert config.text_pretrained is None and config.data.task == "caption" and config.vision.tile_size == 84
 
 
 def test_image_adapter_starts_from_the_pretrained_vit(trained, shapes, tmp_path):

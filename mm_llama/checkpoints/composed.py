@@ -44,7 +44,7 @@ from mm_llama.checkpoints.trunk import (
 from mm_llama.devices import check_dtype, resolve_device
 from mm_llama.errors import CheckpointError
 from mm_llama.model import MMConfig, MMLlama
-from mm_llama.paths import local_path
+from mm_llama.paths import checkpoint_path
 
 FORMATS = ("meta", "hf", "ours")
 
@@ -102,7 +102,7 @@ def _read_ours(path: Path, trunk_dir: Path | None) -> tuple[MMConfig, dict[str, 
 def load_mmllama(path: str | Path, *, hf_compat: bool = False, dtype: torch.dtype | None = torch.bfloat16,
                  device: torch.device | str = "cpu") -> MMLlama:
     """`MMLlama.from_pretrained`: any checkpoint directory, built on the meta device and assign-loaded strictly."""
-    path, device = local_path(path, "checkpoint directory"), resolve_device(device)
+    path, device = checkpoint_path(path), resolve_device(device)
     check_dtype(dtype)
     fmt, config, state = read_composed(path, hf_compat=hf_compat)
     check_tokenizer_vocab(path, config.trunk)

@@ -18,7 +18,7 @@ from mm_llama.checkpoints.ours import OURS_INDEX, TrunkReference, read_ours_trun
 from mm_llama.devices import check_dtype, resolve_device
 from mm_llama.errors import CheckpointError
 from mm_llama.llama import Llama, LlamaConfig
-from mm_llama.paths import local_path
+from mm_llama.paths import checkpoint_path
 from mm_llama.tokenizer import TOKENIZER_PLACES, find_tokenizer
 
 
@@ -147,7 +147,7 @@ def load_llama(path: str | Path, *, dtype: torch.dtype | None = torch.bfloat16,
         dtype: parameter dtype (None keeps the checkpoint's).
         device: where the weights go.
     """
-    path, device = local_path(path, "checkpoint directory"), resolve_device(device)
+    path, device = checkpoint_path(path), resolve_device(device)
     check_dtype(dtype)
     fmt, config, state = read_checkpoint(path)
     check_tokenizer_vocab(path, config)

@@ -100,31 +100,41 @@ def decode_text(sample: dict) -> str | list[dict[str, str]]:
 
 
 class _TokenRow:
-    """text → [bos] + ids + [eos], messages → the chat-format dialog; cut to seq_len (a picklable callable for
-    DataLoader workers)."""
+    """text → [bos] + ids + [eos], messages → the chat-format dialog, each with a flag per token that is True on the
+    assistant's messages (header, content and `<|eot_id|>`); cut to seq_len (a picklable callable for DataLoader
+    workers)."""
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int):
         self.tokenizer, self.seq_len = tokenizer, seq_len
 
-    def __call__(self, text: str | list[dict[str, str]]) -> list[int]:
+    def __call__(self, text: str | list[dict[str, str]]) -> tuple[list[int], list[bool]]:
         if isinstance(text, str):
-            return self.tokenizer.encode(text, bos=True, eos=True)[: self.seq_len]
-        return self.tokenizer.encode_dialog(text, add_generation_prompt=False)[: self.seq_len]
+            ids = self.tokenizer.encode(text, bos=True, eos=True)[: self.seq_len]
+            return ids, [False] * len(ids)
+        ids, assistant = [self.tokenizer.bos_id], [False]
+        for message in text:  # encode_dialog's ids, message by message (it encodes each one separately too)
+            piece = self.tokenizer.encode_dialog([message], add_generation_prompt=False)[1:]
+            ids += piece
+            assistant += [message["role"] == "assistant"] * len(piece)
+        return ids[: self.seq_len], assistant[: self.seq_len]
 
 
 class _PadRows:
-    """Token rows → right-padded tokens (B, L) and mask (B, L), True on real tokens."""
+    """Token rows → right-padded tokens (B, L), mask (B, L), True on real tokens, and assistant (B, L), True on the
+    tokens of assistant messages."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, rows: list[list[int]]) -> dict:
-        lengths = torch.tensor([len(r) for r in rows])
+    def __call__(self, rows: list[tuple[list[int], list[bool]]]) -> dict:
+        lengths = torch.tensor([len(ids) for ids, _ in rows])
         tokens = torch.full((len(rows), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, L)
-        for i, row in enumerate(rows):
-            tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        assistant = torch.zeros(tokens.shape, dtype=torch.bool)  # (B, L)
+        for i, (ids, flags) in enumerate(rows):
+            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            assistant[i, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
         mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]  # (B, L)
-        return {"tokens": tokens, "mask": mask}
+        return {"tokens": tokens, "mask": mask, "assistant": assistant}
 
 
 class TextBatches:
@@ -150,7 +160,8 @@ class TextBatches:
             start: index of the first batch; training passes its data position to resume.
         Returns:
             an iterator (endless when `resampled`) of {"tokens": LongTensor (B, L), "mask": BoolTensor (B, L),
-            "skipped": bad samples since the previous batch, "samples": B}. Rows are `[bos] + ids + [eos]` (text) or
+            "assistant": BoolTensor (B, L), True on the tokens of assistant messages, "skipped": bad samples since
+            the previous batch, "samples": B}. Rows are `[bos] + ids + [eos]` (text) or
             the chat-format dialog (messages), cut to seq_len and right-padded with the tokenizer's pad id. `DataError`
             when too many samples are bad.
         """

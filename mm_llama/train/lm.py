@@ -33,6 +33,15 @@ class LMStageConfig:
     model: LlamaConfig
     data: TextDataConfig
     train: TrainConfig
+    # The loss weight of the tokens of assistant messages in chat (`json`) samples; every other token weighs 1. In a
+    # chat sample the answer is a few tokens after a long, unpredictable description: weighting it 5x lifted the demo
+    # trunk's held-out text QA from 67 % to 74 % at 4,000 steps (issue 10's note).
+    assistant_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        w = self.assistant_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < float("inf"):
+            raise ConfigError(f"assistant_weight must be a positive number, got {w!r}")
 
 
 class LMStage:
@@ -60,7 +69,8 @@ class LMStage:
     def batches(self, runtime: Runtime, start: int) -> Iterator[dict]:
         source = TextBatches(self.config.data, rank=runtime.rank, world_size=runtime.world_size)
         for batch in source.batches(start):
-            yield {**batch, "tokens": batch["tokens"].to(runtime.device), "mask": batch["mask"].to(runtime.device)}
+            yield {**batch, "tokens": batch["tokens"].to(runtime.device), "mask": batch["mask"].to(runtime.device),
+                   "assistant": batch["assistant"].to(runtime.device)}
 
     def n_targets(self, batch: dict) -> int:
         return int(batch["mask"][:, 1:].sum())
@@ -69,7 +79,11 @@ class LMStage:
         tokens, mask = batch["tokens"], batch["mask"]
         logits = model(tokens[:, :-1])  # (B, T-1, V) fp32; right padding never reaches real positions (causal)
         targets = tokens[:, 1:].masked_fill(~mask[:, 1:], -100)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        if self.config.assistant_weight == 1:
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        weights = 1 + (self.config.assistant_weight - 1) * batch["assistant"][:, 1:].flatten().float()
+        return (losses * weights).sum()
 
     def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
         write_ours(out, trunk={"config": self.config.model.to_dict()}, trunk_weights=trainable)

@@ -1,0 +1,73 @@
+"""Latency of the embedded demo model on the CPU, as a demo user meets it (issue 10's budget on 2 cores: an image
+question's first token within 300 ms, the whole short answer within 1 s).
+
+    python benchmarks/demo_latency.py [--threads 2] [--n 40] [--dtype fp32|bf16]
+
+Held-out shapes-world image questions through `Assistant.ask_stream`, greedy, after three warm-up questions; the
+first token's time includes everything the page waits for (image preprocessing, the ViT, prefill, the first decode
+step). Prints the median and 90th percentile of each, and the answers' lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from mm_llama.api import Assistant
+from mm_llama.data.world import random_scene
+from mm_llama.data.world_draw import draw_scene
+from mm_llama.data.world_language import QUESTION_TYPES, image_question
+from mm_llama.errors import InputError
+
+
+def questions(n: int, seed: int = 0) -> list[tuple[str, object]]:
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        scene = random_scene(rng, "heldout")
+        try:
+            qa = image_question(scene, rng, "heldout", QUESTION_TYPES[len(out) % len(QUESTION_TYPES)])
+        except InputError:
+            continue
+        out.append((qa.question, draw_scene(scene, 84, rng)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    assistant = Assistant.from_pretrained("demo", dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+    print(f"load: {time.perf_counter() - start:.2f} s ({args.threads} threads, {args.dtype})")
+    items = questions(args.n + 3)
+    first, whole, lengths = [], [], []
+    for i, (question, image) in enumerate(items):
+        t0 = time.perf_counter()
+        pieces = []
+        for piece in assistant.ask_stream(question, image=image, max_new_tokens=96):
+            if not pieces:
+                t_first = time.perf_counter() - t0
+            pieces.append(piece)
+        if i >= 3:  # warm-up: first calls allocate caches and pick kernels
+            first.append(t_first)
+            whole.append(time.perf_counter() - t0)
+            lengths.append(len("".join(pieces).encode()))
+
+    def q90(xs: list[float]) -> float:
+        return sorted(xs)[int(0.9 * (len(xs) - 1))]
+
+    print(f"first token: median {1000 * statistics.median(first):.0f} ms, p90 {1000 * q90(first):.0f} ms")
+    print(f"whole answer: median {1000 * statistics.median(whole):.0f} ms, p90 {1000 * q90(whole):.0f} ms, "
+          f"max {1000 * max(whole):.0f} ms")
+    print(f"answer length: median {statistics.median(lengths):.0f} bytes (= tokens: byte-level), max {max(lengths)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""`mm-llama recipe demo`: train the embedded demo model from nothing, stage by stage, on the shapes world.
+
+    mm-llama recipe demo --out runs/demo              # data -> lm -> image-adapter -> model (bf16) -> eval
+    mm-llama recipe demo --out runs/demo --size tiny  # the same steps in a minute on a CPU (CI): proves the plumbing
+
+Each step is skipped when its result is complete and resumed when it was cut short (a stage from its latest
+checkpoint; a data set is regenerated, since it takes seconds), so the recipe can run in pieces: run the same command
+again after an interruption. A stage stopped by SIGTERM/SIGINT checkpoints, and the recipe stops with it.
+
+The stages read the configs in `configs/demo/` (`lm.yaml`, `image_adapter.yaml`) with the data and run folders of
+`--out` as overrides; the recipe adds what is its own: the data set sizes and seeds, and for `--size tiny` fewer
+steps and smaller batches. The result, `OUT/model`, is a self-contained mm-llama checkpoint in bf16 (what ships in
+`mm_llama/demo_model`), and `OUT/eval.json` its `mm-llama eval --suite shapes` report. `OUT/recipe.json` records each
+step's time. Video and speech add their stages here (issues 11-12).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mm_llama.errors import ConfigError, InputError
+
+__all__ = ["RECIPES", "SIZES", "run_recipe"]
+
+_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
+
+
+@dataclass(frozen=True)
+class Size:
+    """What one size of a recipe changes: data set sizes, per-stage overrides, eval questions per type."""
+
+    n_text: int
+    n_image: int
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> extra `--section.key=value`
+    eval_per_type: int = 50
+
+
+SIZES = {
+    # The shipped model: about 10 minutes on one H200 (issue 10's note has each stage's time).
+    "full": Size(n_text=100_000, n_image=60_000, eval_per_type=50),
+    # CI on 2 CPU cores: every step of the full recipe on the real configs, with a handful of steps.
+    "tiny": Size(n_text=400, n_image=300, eval_per_type=1, overrides={
+        "lm": ("--train.steps=4", "--data.batch_size=4", "--data.seq_len=256", "--train.log_every=2",
+               "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=50"),
+        "image-adapter": ("--train.steps=4", "--data.batch_size=4", "--train.log_every=2",
+                          "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=50"),
+    }),
+}
+
+
+def _marker(folder: Path) -> Path:
+    return folder / ".complete.json"
+
+
+def _done(folder: Path, what: dict) -> bool:
+    """Whether `folder` holds a finished result made with exactly `what` (a step's parameters)."""
+    try:
+        return json.loads(_marker(folder).read_text()) == what
+    except (OSError, ValueError):
+        return False
+
+
+def _finish(folder: Path, what: dict) -> None:
+    _marker(folder).write_text(json.dumps(what))
+
+
+def _synth(kind: str, n: int, seed: int) -> Callable[[Path], str]:
+    def step(out: Path) -> str:
+        folder = out / "data" / kind
+        what = {"kind": kind, "n": n, "seed": seed}
+        if _done(folder, what):
+            return f"{folder} is complete"
+        shutil.rmtree(folder, ignore_errors=True)  # a partial or different set: writing it again takes seconds
+        if kind == "text":
+            from mm_llama.data.synth_text import synth_text
+
+            synth_text(folder, n, seed=seed)
+        else:
+            from mm_llama.data.synth_image import synth_image
+
+            synth_image(folder, n, seed=seed)
+        _finish(folder, what)
+        return f"wrote {n:,} {kind} samples to {folder}"
+    return step
+
+
+class _Stopped(Exception):
+    def __init__(self, signal: int):
+        self.signal = signal
+
+
+def _stage(name: str, config: str, extra: Callable[[Path], list[str]], size: Size) -> Callable[[Path], str]:
+    def step(out: Path) -> str:
+        from mm_llama.train import run_stage
+        from mm_llama.train.checkpoint import latest_checkpoint
+
+        path = _CONFIGS / config
+        if not path.is_file():
+            raise ConfigError(f"the recipe reads {path}, which is missing: run it from a source checkout of mm-llama "
+                              "(git clone), where configs/ sits beside mm_llama/")
+        run_dir = out / name.replace("-", "_")
+        overrides = [f"--train.out_dir={run_dir}", *extra(out), *size.overrides.get(name, ())]
+        resume = latest_checkpoint(run_dir) is not None  # the stage itself says when there is nothing left to train
+        result = run_stage(name, str(path), overrides, resume)
+        if result.stop_signal:
+            raise _Stopped(result.stop_signal)
+        return f"checkpoint {latest_checkpoint(run_dir)}"
+    return step
+
+
+def _data_overrides(kind: str) -> Callable[[Path], list[str]]:
+    def extra(out: Path) -> list[str]:
+        folder = out / "data" / kind
+        return [f"--data.shards={folder}", f"--data.tokenizer={folder / 'tokenizer.model'}"]
+    return extra
+
+
+def _trunk_and_data(out: Path) -> list[str]:
+    from mm_llama.train.checkpoint import latest_checkpoint
+
+    trunk = latest_checkpoint(out / "lm")
+    if trunk is None:
+        raise InputError(f"{out / 'lm'} holds no trunk checkpoint: the lm step must run first")
+    return [f"--trunk={trunk.resolve()}", *_data_overrides("image")(out)]
+
+
+def package_model(checkpoint: Path, dst: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write `checkpoint` (e.g. an image-adapter step directory) to `dst` as a self-contained mm-llama checkpoint with
+    every floating-point weight in `dtype` (bf16 halves the files; issue 10's note compares its accuracy with fp32)."""
+    from mm_llama.checkpoints import export_checkpoint
+
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        staged = Path(tmp) / "model"
+        export_checkpoint(checkpoint, staged)
+        for weights in staged.glob("*.safetensors"):
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+            save_file(tensors, weights)
+        for path in staged.iterdir():  # readable by all, as package data must be (the export writes them 0600)
+            path.chmod(0o644)
+        staged.chmod(0o755)
+        shutil.rmtree(dst, ignore_errors=True)
+        staged.rename(dst)
+
+
+def _package(out: Path) -> str:
+    from mm_llama.train.checkpoint import latest_checkpoint
+
+    source = latest_checkpoint(out / "image_adapter")
+    if source is None:
+        raise InputError(f"{out / 'image_adapter'} holds no checkpoint: the image-adapter step must run first")
+    dst = out / "model"
+    what = {"from": str(source.resolve())}
+    if _done(dst, what):
+        return f"{dst} is complete"
+    package_model(source, dst)
+    _finish(dst, what)
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(dst.glob("*.safetensors")))
+    return f"wrote {dst} ({sizes})"
+
+
+def _evaluate(size: Size) -> Callable[[Path], str]:
+    def step(out: Path) -> str:
+        from mm_llama.api import Assistant
+        from mm_llama.evaluation.runner import evaluate
+
+        assistant = Assistant.from_pretrained(out / "model", dtype=torch.float32, device="cpu")
+        report = evaluate(assistant, suite="shapes", n_per_type=size.eval_per_type, seed=0)
+        (out / "eval.json").write_text(json.dumps(report.to_json(), indent=1))
+        print(report.table(), flush=True)
+        return f"wrote {out / 'eval.json'}"
+    return step
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: tuple[tuple[str, Callable[[Size], Callable[[Path], str]]], ...]
+
+
+RECIPES = {
+    "demo": Recipe(steps=(
+        ("data text", lambda s: _synth("text", s.n_text, seed=0)),
+        ("data image", lambda s: _synth("image", s.n_image, seed=1)),
+        ("lm", lambda s: _stage("lm", "lm.yaml", _data_overrides("text"), s)),
+        ("image-adapter", lambda s: _stage("image-adapter", "image_adapter.yaml", _trunk_and_data, s)),
+        ("model", lambda s: _package),
+        ("eval", _evaluate),
+    )),
+}
+
+
+def run_recipe(name: str, out: str | Path, *, size: str = "full", skip_eval: bool = False) -> int:
+    """Run recipe `name` into folder `out`; returns the exit status (128 + signal when a stage was stopped).
+
+    Args:
+        name: a key of RECIPES ("demo").
+        out: the run folder; an earlier run's folder resumes.
+        size: a key of SIZES ("full", "tiny").
+        skip_eval: leave out the final evaluation.
+    """
+    if name not in RECIPES:
+        raise InputError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    if size not in SIZES:
+        raise InputError(f"unknown recipe size {size!r}; known sizes: {', '.join(SIZES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [(title, make(SIZES[size])) for title, make in RECIPES[name].steps if not (skip_eval and title == "eval")]
+    times: dict[str, float] = {}
+    for i, (title, step) in enumerate(steps, 1):
+        print(f"[recipe {name}] step {i}/{len(steps)}: {title}", flush=True)
+        start = time.perf_counter()
+        try:
+            message = step(out)
+        except _Stopped as stopped:
+            print(f"[recipe {name}] stopped by signal {stopped.signal} during {title}; run the same command again to "
+                  "resume", flush=True)
+            return 128 + stopped.signal
+        times[title] = round(time.perf_counter() - start, 1)
+        print(f"[recipe {name}] {title}: {message} ({times[title]:.0f} s)", flush=True)
+    (out / "recipe.json").write_text(json.dumps({"recipe": name, "size": size, "seconds": times}, indent=1))
+    print(f"[recipe {name}] done in {sum(times.values()):.0f} s: the model is {out / 'model'}", flush=True)
+    return 0

@@ -1,0 +1,39 @@
+"""The embedded demo model (`mm_llama/demo_model`, trained by `mm-llama recipe demo`): within its size budget, loaded
+by name, and answering held-out shapes-world questions well above chance.
+
+The levels asserted are the shipped model's measured ones less a margin (issue 10's note: 62 % image QA and 79 % text
+QA on 30 questions per type). The issue's target, 97 % image QA, is not met yet: these thresholds guard the model
+that ships against regressions (a broken loader, a lost part, bad bf16 weights), they do not claim the target.
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mm_llama.api import Assistant
+from mm_llama.evaluation.runner import evaluate
+from mm_llama.model import MMLlama
+
+MODEL = Path(__file__).resolve().parents[1] / "mm_llama" / "demo_model"
+
+
+def test_files_are_bf16_and_within_the_size_budget():
+    files = sorted(MODEL.glob("*.safetensors"))
+    assert {f.name for f in files} == {"trunk.safetensors", "vision.safetensors", "vision_projection.safetensors",
+                                       "image_adapter.safetensors", "media.safetensors"}
+    assert max(f.stat().st_size for f in files) <= 20 * 10**6
+    assert sum(f.stat().st_size for f in MODEL.iterdir()) <= 40 * 10**6
+    for f in files:
+        with safe_open(f, "pt") as weights:
+            assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}, f.name
+
+
+def test_loaded_by_name_and_answers_held_out_questions():
+    model = MMLlama.from_pretrained("demo", dtype=torch.float32)
+    assert model.source == MODEL and model.config.vision.tile_size == 84
+    report = evaluate(Assistant.for_model(model), n_per_type=6, seed=0, progress=False).to_json()["tasks"]
+    # Chance: about 1 in 9 for a position, 1 in 6 for a colour, 1 in 2 for yes/no.
+    assert report["text-qa"]["accuracy"] >= 0.70, report["text-qa"]
+    assert report["image-qa"]["accuracy"] >= 0.45, report["image-qa"]
+    assert report["image-qa"]["types"]["existence"]["accuracy"] >= 0.65

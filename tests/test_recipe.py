@@ -1,0 +1,81 @@
+"""`mm-llama recipe demo --size tiny`: every step of the demo recipe on the real configs, end to end on the CPU; a
+second run resumes (nothing is redone); what the recipe writes loads, answers and is evaluated."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mm_llama.api import Assistant
+from mm_llama.errors import InputError
+from mm_llama.recipe import run_recipe
+
+STEPS = ["data text", "data image", "lm", "image-adapter", "model", "eval"]
+
+
+def mm_llama(*args) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("mm-llama")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mm_llama.cli"]
+    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_tiny_recipe_end_to_end_then_resumes(tmp_path):
+    out = tmp_path / "demo"
+    first = mm_llama("recipe", "demo", "--out", str(out), "--size", "tiny")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for i, step in enumerate(STEPS, 1):
+        assert f"[recipe demo] step {i}/6: {step}" in first.stdout
+    times = json.loads((out / "recipe.json").read_text())["seconds"]
+    assert list(times) == STEPS and all(t >= 0 for t in times.values())
+    # The stages trained on the generated shards, the model is self-contained bf16, and it answers.
+    assert (out / "lm" / "checkpoints" / "step_00000004").is_dir()
+    assert (out / "image_adapter" / "checkpoints" / "step_00000004").is_dir()
+    for f in (out / "model").glob("*.safetensors"):
+        with safe_open(f, "pt") as weights:
+            assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
+    assert "trunk.safetensors" in {p.name for p in (out / "model").iterdir()}
+    answer = Assistant.from_pretrained(out / "model", dtype=torch.float32).ask(
+        "How many shapes are there?", image=_a_png(out), max_new_tokens=8)
+    assert isinstance(answer, str)
+    # The eval table: every (task, type) row and each task's "all" row, one question per type.
+    rows = [line.split() for line in first.stdout.splitlines() if line.startswith(("text-qa", "image-qa"))]
+    assert len(rows) == 16 and all(r[-4] in ("1", "7") for r in rows)
+    report = json.loads((out / "eval.json").read_text())
+    assert {t: v["n"] for t, v in report["tasks"].items()} == {"text-qa": 7, "image-qa": 7}
+
+    # Again: every step is complete or has nothing left to train, and no checkpoint is rewritten.
+    stamp = (out / "lm" / "checkpoints" / "step_00000004" / "trunk.safetensors").stat().st_mtime_ns
+    second = mm_llama("recipe", "demo", "--out", str(out), "--size", "tiny", "--no-eval")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "data text: " + str(out / "data" / "text") + " is complete" in second.stdout
+    assert "model: " + str(out / "model") + " is complete" in second.stdout
+    assert second.stdout.count("nothing to train") == 2
+    assert (out / "lm" / "checkpoints" / "step_00000004" / "trunk.safetensors").stat().st_mtime_ns == stamp
+    assert "step 6/6" not in second.stdout and "step 5/5: model" in second.stdout
+
+
+def _a_png(out: Path):
+    """The first image of the generated image shards."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(sorted((out / "data" / "image").glob("*.tar"))[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+        return Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+
+
+def test_unknown_recipe_or_size_names_the_known_ones(tmp_path):
+    with pytest.raises(InputError, match="known recipes: demo"):
+        run_recipe("video", tmp_path)
+    with pytest.raises(InputError, match="known sizes: full, tiny"):
+        run_recipe("demo", tmp_path, size="huge")
+    bad = mm_llama("recipe", "demo")
+    assert bad.returncode == 2 and "--out" in bad.stderr
