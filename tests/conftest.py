@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,11 @@ def crash_after(stage, n_batches: int):
 
     stage.batches = limited
     return stage
+
+
+def run_mm_llama(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed `mm-llama` console script (the one next to this Python) as a user would, on the CPU."""
+    script = Path(sys.executable).with_name("mm-llama")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mm_llama.cli"]
+    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})

@@ -1,13 +1,11 @@
 """`mm-llama eval`: held-out, balanced, deterministic items; exact scoring; the table and JSON; the command."""
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import run_mm_llama
 from mm_llama.data.world import split_of_scene, split_of_sentence
 from mm_llama.data.world_language import QUESTION_TYPES
 from mm_llama.errors import InputError
@@ -111,10 +109,7 @@ def test_unknown_suite_or_task_names_the_known_ones():
 
 
 def mm_llama(*args) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("mm-llama")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "mm_llama.cli"]
-    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=300,
-                          env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+    return run_mm_llama(*args, timeout=300)
 
 
 def test_command_prints_the_table_and_writes_json(tmp_path):

@@ -2,15 +2,14 @@
 second run resumes (nothing is redone); what the recipe writes loads, answers and is evaluated."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import run_mm_llama
 from mm_llama.api import Assistant
 from mm_llama.errors import InputError
 from mm_llama.recipe import run_recipe
@@ -19,10 +18,7 @@ STEPS = ["data text", "data image", "lm", "image-adapter", "model", "eval"]
 
 
 def mm_llama(*args) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("mm-llama")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "mm_llama.cli"]
-    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+    return run_mm_llama(*args, timeout=600)
 
 
 def test_tiny_recipe_end_to_end_then_resumes(tmp_path):
