@@ -6,7 +6,8 @@
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
     mm-llama data synth --kind text|image --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
     mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
-    mm-llama eval [--checkpoint DIR] --suite shapes [--n-per-type N] [--json FILE]  # held-out accuracy table
+    mm-llama eval [--checkpoint DIR] --suite shapes [--n-per-type N] [--seed S] [--task NAME ...] [--json FILE]
+                                                      # held-out accuracy per task and question type
     mm-llama recipe demo --out DIR [--size full|tiny]        # train the embedded demo model, every stage in turn
     mm-llama demo [--checkpoint DIR] [--port N] [--host H]     # a chat in the browser (pip install "mm-llama[demo]")
 
@@ -97,6 +98,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from mm_llama.evaluation.tasks import suite_tasks
 
     suite_tasks(args.suite, args.task)  # an unknown suite or task is said before the model loads
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # not after the whole run
+        raise InputError(f"--json {args.json}: its folder does not exist; create it or pass another file")
     device, dtype = _device_and_dtype(args)
     assistant = Assistant.from_pretrained(args.checkpoint, dtype=dtype, device=device)
     report = evaluate(assistant, args.suite, n_per_type=args.n_per_type, seed=args.seed, tasks=args.task,
@@ -213,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = sub.add_parser("eval", help="accuracy on a held-out suite, per task and question type")
     evaluation.add_argument("--checkpoint", default="demo", help="checkpoint directory, as for ask (default: the "
                             "embedded demo model)")
-    evaluation.add_argument("--suite", required=True, choices=["shapes"], help="shapes: the shapes world's held-out "
+    # No argparse choices: an unknown suite is an InputError of one line that names the known ones.
+    evaluation.add_argument("--suite", required=True, help="shapes: the shapes world's held-out "
                             "split (text-qa: a caption and a question; image-qa: the picture and a question)")
     evaluation.add_argument("--task", action="append", help="run only this task (repeat for several)")
     evaluation.add_argument("--n-per-type", type=int, default=50, help="questions per question type of each task")

@@ -1,13 +1,15 @@
 """`mm-llama eval`: held-out, balanced, deterministic items; exact scoring; the table and JSON; the command."""
 
 import json
+import re
 import subprocess
 
 import pytest
 
 from conftest import run_mm_llama
+from mm_llama.cli import main
 from mm_llama.data.world import split_of_scene, split_of_sentence
-from mm_llama.data.world_language import QUESTION_TYPES
+from mm_llama.data.world_language import QUESTION_TYPES, captions, questions
 from mm_llama.errors import InputError
 from mm_llama.evaluation.runner import evaluate
 from mm_llama.evaluation.tasks import SUITES, suite_tasks
@@ -18,9 +20,14 @@ def test_items_are_held_out_balanced_and_deterministic():
         items = task.items(6, seed=3)
         assert [i.qtype for i in items] == [t for t in QUESTION_TYPES for _ in range(6)]
         assert all(split_of_scene(i.scene) == "heldout" for i in items)
-        # The question sentence is held out (text-qa: the caption, then the question, both held out).
-        assert all(split_of_sentence(i.question if task.name == "image-qa" else i.question.rsplit(". ", 1)[-1])
-                   == "heldout" for i in items), task.name
+        for i in items:
+            # text-qa: "<caption> <question>"; the caption is a caption of the scene, and both sentences are held out.
+            context, question = i.question.rsplit(". ", 1) if task.name == "text-qa" else ("", i.question)
+            if context:
+                assert context + "." in captions(i.scene) and split_of_sentence(context + ".") == "heldout", i
+            assert split_of_sentence(question) == "heldout", i
+            # The expected answer is the world's answer to that question about that scene.
+            assert (question, i.answer) in {(q.question, q.answer) for q in questions(i.scene, i.qtype)}, i
         assert [(i.question, i.answer) for i in items] == [(i.question, i.answer) for i in task.items(6, seed=3)]
         assert [i.question for i in items] != [i.question for i in task.items(6, seed=4)]
         assert all((i.image is not None) == (task.medium == "image") for i in items)
@@ -81,6 +88,7 @@ def test_scoring_table_and_json_count_exact_answers(byte_tokenizer):
         assert data["tasks"][task]["n"] == 28 and data["tasks"][task]["correct"] == 12
         assert abs(data["tasks"][task]["accuracy"] - 12 / 28) < 1e-12
         assert len(data["wrong"][task]) == 5 and data["wrong"][task][0]["got"].endswith("Maybe.")
+    assert data["overall"] == {"n": 56, "correct": 24, "accuracy": 24 / 56}
     table = report.table().splitlines()
     assert table[0].split() == ["task", "question", "type", "n", "correct", "accuracy"]
     assert "image-qa  colour" in table[-8] and table[-8].split()[-4:] == ["4", "4", "100.0", "%"]
@@ -113,13 +121,31 @@ def mm_llama(*args) -> subprocess.CompletedProcess:
 
 
 def test_command_prints_the_table_and_writes_json(tmp_path):
+    """The embedded demo model (the default checkpoint), one question per type: every row, and the same numbers in
+    the table and the JSON (the level is test_demo_model.py's business)."""
     out = tmp_path / "eval.json"
-    result = mm_llama("eval", "--suite", "shapes", "--n-per-type", "1", "--task", "image-qa", "--json", str(out))
+    result = mm_llama("eval", "--suite", "shapes", "--n-per-type", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr
-    rows = [line.split("  ") for line in result.stdout.splitlines()[2:9]]
-    assert [r[0].strip() for r in rows] == ["image-qa"] * 7
     data = json.loads(out.read_text())
-    assert data["checkpoint"] == "demo" and set(data["tasks"]) == {"image-qa"}
-    assert data["tasks"]["image-qa"]["n"] == 7
-    bad = mm_llama("eval", "--suite", "shapes", "--task", "video-qa")
-    assert bad.returncode == 2 and "its tasks: image-qa, text-qa" in bad.stderr and "Traceback" not in bad.stderr
+    assert data["checkpoint"] == "demo" and (data["suite"], data["seed"], data["n_per_type"]) == ("shapes", 0, 1)
+    rows = [re.split(r"\s{2,}", line.strip()) for line in result.stdout.splitlines()[2:18]]
+    expected = []
+    for task in ("text-qa", "image-qa"):
+        types = data["tasks"][task]["types"]
+        assert list(types) == list(QUESTION_TYPES) and all(v["n"] == 1 for v in types.values())
+        for qtype, v in [*types.items(), ("all", data["tasks"][task])]:
+            expected.append([task, qtype, str(v["n"]), str(v["correct"]), f"{100 * v['accuracy']:.1f} %"])
+    assert rows == expected
+    overall = data["overall"]
+    assert overall["n"] == 14 and overall["correct"] == sum(t["correct"] for t in data["tasks"].values())
+
+
+def test_command_errors_are_one_line_before_loading(tmp_path, capsys):
+    for args, message in ((["--suite", "nope"], "unknown suite 'nope'; known suites: shapes"),
+                          (["--suite", "shapes", "--task", "video-qa"], "its tasks: image-qa, text-qa"),
+                          (["--suite", "shapes", "--json", str(tmp_path / "no" / "eval.json")],
+                           "its folder does not exist")):
+        # A checkpoint that does not exist: the error must come before any loading.
+        assert main(["eval", "--checkpoint", str(tmp_path / "missing"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and err.startswith("mm-llama: error: "), err

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from mm_llama.evaluation.tasks import EvalItem, Task, suite_tasks
+from mm_llama.evaluation.tasks import MEDIA, EvalItem, Task, suite_tasks
 
 __all__ = ["Report", "evaluate"]
 
@@ -23,6 +23,11 @@ _WRONG_KEPT = 5  # wrong answers kept per task, to show what goes wrong
 
 @dataclass
 class Report:
+    """Counts of right answers per task and question type, a few wrong answers per task, and the skipped tasks.
+
+    It knows tasks, types and strings only, never a medium. `table()` is for people, `to_json()` for files.
+    """
+
     suite: str
     seed: int
     n_per_type: int
@@ -32,6 +37,8 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)  # task -> why
 
     def add(self, item: EvalItem, got: str) -> None:
+        """Count `got`, the model's answer to `item`: right when it equals the expected answer, surrounding
+        whitespace aside."""
         ok = got.strip() == item.answer
         cell = self.counts.setdefault(item.task, {}).setdefault(item.qtype, [0, 0])
         cell[0] += ok
@@ -41,6 +48,7 @@ class Report:
             kept.append({"type": item.qtype, "question": item.question, "expected": item.answer, "got": got.strip()})
 
     def task_total(self, task: str) -> tuple[int, int]:
+        """(correct, asked) over every question type of `task`."""
         cells = self.counts.get(task, {}).values()
         return sum(c for c, _ in cells), sum(n for _, n in cells)
 
@@ -63,18 +71,22 @@ class Report:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
+        """The report as JSON-ready data (accuracies are fractions, 0-1):
+
+            {"suite", "seed", "n_per_type", "checkpoint",
+             "tasks": {task: {"n", "correct", "accuracy", "types": {type: {"n", "correct", "accuracy"}}}},
+             "overall": {"n", "correct", "accuracy"},   # every question asked, all tasks together
+             "skipped": {task: why}, "wrong": {task: [{"type", "question", "expected", "got"}]}}
+        """
         tasks = {}
         for task, types in self.counts.items():
             correct, n = self.task_total(task)
             tasks[task] = {"n": n, "correct": correct, "accuracy": correct / n,
                            "types": {t: {"n": n_t, "correct": c, "accuracy": c / n_t} for t, (c, n_t) in types.items()}}
+        correct, n = sum(t["correct"] for t in tasks.values()), sum(t["n"] for t in tasks.values())
+        overall = {"n": n, "correct": correct, "accuracy": correct / n if n else None}  # None: every task skipped
         return {"suite": self.suite, "seed": self.seed, "n_per_type": self.n_per_type, "checkpoint": self.checkpoint,
-                "tasks": tasks, "skipped": self.skipped, "wrong": self.wrong}
-
-
-def _media(assistant) -> set[str]:
-    """The media the assistant's model takes besides text."""
-    return {"text"} | ({"image"} if assistant.model.config.vision is not None else set())
+                "tasks": tasks, "overall": overall, "skipped": self.skipped, "wrong": self.wrong}
 
 
 def evaluate(assistant, suite: str = "shapes", *, n_per_type: int = 50, seed: int = 0, tasks: list[str] | None = None,
@@ -95,10 +107,9 @@ def evaluate(assistant, suite: str = "shapes", *, n_per_type: int = 50, seed: in
     """
     report = Report(suite, seed, n_per_type, checkpoint)
     chosen: list[Task] = suite_tasks(suite, tasks)
-    media = _media(assistant)
     items = []
     for task in chosen:
-        if task.medium not in media:
+        if not MEDIA[task.medium](assistant.model.config):
             report.skipped[task.name] = f"the model takes no {task.medium}"
             continue
         items += task.items(n_per_type, seed)
@@ -107,5 +118,5 @@ def evaluate(assistant, suite: str = "shapes", *, n_per_type: int = 50, seed: in
     # Room for the longest expected answer and its end token, with slack to see what a wrong answer goes on to say.
     max_new = max(len(assistant.tokenizer.encode(i.answer, bos=False, eos=False)) for i in items) + 16
     for item in tqdm(items, desc=f"eval {suite}", unit="question", disable=not progress, file=sys.stderr):
-        report.add(item, assistant.ask(item.question, image=item.image, max_new_tokens=max_new))
+        report.add(item, assistant.ask(item.question, **item.media(), max_new_tokens=max_new))
     return report

@@ -3,7 +3,8 @@
 A task is a name, the medium the model needs for it, and a generator of `EvalItem`s from the held-out split of the
 shapes world (`mm_llama.data.world`: no scene or sentence of it was trained on), balanced over its question types.
 Answers are a function of the question and the scene, so grading is an exact match. Video and speech add their
-tasks to `SUITES["shapes"]` (issues 11-12); the runner does not change.
+tasks to `SUITES["shapes"]` (issues 11-12), a line to `MEDIA` and a field to `EvalItem`; the runner does not
+change.
 
     text-qa    the trunk's language (stage lm): a caption, then a question about it, in one user message
                    "There is a big red circle at the top left. Where is the circle?" -> "The circle is at the top left."
@@ -23,13 +24,13 @@ from mm_llama.data.world_draw import DEFAULT_SIZE, draw_scene
 from mm_llama.data.world_language import QA, QUESTION_TYPES, caption, image_question
 from mm_llama.errors import InputError
 
-__all__ = ["SUITES", "EvalItem", "Task", "suite_tasks"]
+__all__ = ["MEDIA", "SUITES", "EvalItem", "Task", "suite_tasks"]
 
 
 @dataclass(frozen=True)
 class EvalItem:
     """One question: what the user sends (text, and an image or nothing), the one right answer, and the scene asked
-    about."""
+    about. `media()` gives the item's media as `Assistant.ask` takes them."""
 
     task: str
     qtype: str
@@ -38,11 +39,15 @@ class EvalItem:
     scene: Scene
     image: Image.Image | None = None
 
+    def media(self) -> dict:
+        """The media keyword arguments of `Assistant.ask` for this item: {} for text alone, {"image": ...}."""
+        return {} if self.image is None else {"image": self.image}
+
 
 @dataclass(frozen=True)
 class Task:
-    """name; medium: what the model needs ("text", "image"); types: its question types; make: (scene, QA, rng) ->
-    the item for one held-out scene and question."""
+    """name; medium: what the model needs (a key of `MEDIA`: "text", "image"); types: its question types;
+    make: (scene, QA, rng) -> the item for one held-out scene and question."""
 
     name: str
     medium: str
@@ -64,6 +69,13 @@ class Task:
                 except InputError:  # no held-out wording of this type for this scene: draw another
                     continue
         return items
+
+
+# Medium -> whether a model with this `MMConfig` takes it. Every model reads text.
+MEDIA: dict[str, Callable[[object], bool]] = {
+    "text": lambda config: True,
+    "image": lambda config: config.vision is not None,
+}
 
 
 def _text_item(scene: Scene, qa: QA, rng: random.Random) -> EvalItem:
