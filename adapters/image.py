@@ -19,7 +19,37 @@ from torch import nn
 
 from adapters.cross_attention import CrossAttentionInputs, GatedCrossAttention, cross_attention_inputs
 from encoders.image_transform import Images
+from encoders.vision import VisionConfig
+from encoders.vision_blocks import patch_position_table
 from mm_llama.transfer import to_device
+
+
+class VisionProjection(nn.Linear):
+    """The ViT's features (F) -> image tokens at the trunk's width (D): Llama 3.2's `vision_projection` (a linear map
+    with a bias), and with `VisionConfig.patch_position_features` a fixed 2-D sin-cos position of each patch added,
+    as loud as the token (its RMS, not differentiated) times a learned scale starting at 1 (`position_scale`).
+
+    Why (issue 10): cross-attention puts no position on image keys or values. A ViT trained from scratch in the image
+    stage loses where each patch is: a patch's feature names its place 98 % of the time at random init, 54 % after
+    the stage, and the shapes world's position answers stay at chance. With the position added here, the same adapter
+    learns them: 17 % -> 63 % in 900 CPU steps on position questions, against 17 % -> 8 % without. The table is
+    computed in the forward (no buffer), so a model built on the meta device needs nothing filled in.
+    """
+
+    def __init__(self, vision: VisionConfig, dim: int):
+        super().__init__(vision.output_dim, dim)
+        self.side = vision.n_patches_per_side if vision.patch_position_features else None
+        if self.side is not None:
+            self.position_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (..., L, F) with L = 1 + patches per tile (class token first) -> (..., L, D)."""
+        tokens = super().forward(features)
+        if self.side is None:
+            return tokens
+        table = patch_position_table(self.side, tokens.shape[-1], device=tokens.device, dtype=tokens.dtype)  # (L, D)
+        loudness = tokens.detach().pow(2).mean(-1, keepdim=True).sqrt()  # per token: batch-independent
+        return tokens + self.position_scale.to(tokens.dtype) * loudness * table
 
 
 def encode_images(images: Images, encoder: nn.Module, projection: nn.Module, *, hf_padding_images: bool

@@ -64,6 +64,12 @@ class VisionConfig:
     # transformers treats tile 0 of a padding image slot as real in the encoder's mask (`MMLlama` builds that mask;
     # with HF's row semantics, text without an image sees every image token, so it changes the logits there).
     hf_padding_images: bool = False
+    # Not part of Llama 3.2: the image tokens the adapters read (the projected features) get a fixed 2-D position of
+    # their patch added (`adapters.image.VisionProjection`). Cross-attention puts no position on image keys or values,
+    # so "where" reaches the text only through what the ViT's features keep, and a ViT trained from scratch by the
+    # image stage loses it (issue 10). A pretrained ViT (CLIP) keeps it: off by default, and checkpoints with it have
+    # no Meta or Hugging Face equivalent.
+    patch_position_features: bool = False
 
     def __post_init__(self) -> None:
         self.intermediate_layers = tuple(self.intermediate_layers)
@@ -78,7 +84,7 @@ class VisionConfig:
                 problems.append(f"{name} must be a non-negative integer, got {value!r}")
         if not isinstance(self.norm_eps, float | int) or self.norm_eps <= 0:
             problems.append(f"norm_eps must be positive, got {self.norm_eps!r}")
-        for name in ("attn_bias", "hf_padding_images"):
+        for name in ("attn_bias", "hf_padding_images", "patch_position_features"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.intermediate_mode not in ("input", "output"):

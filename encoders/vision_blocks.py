@@ -7,6 +7,7 @@ Hd head dim; in the tile-embedding tables M = T and R = len(supported_aspect_rat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -232,3 +233,17 @@ class ImageTransformer(nn.Module):
             if mode == "output" and i in layers:
                 features.append(x)
         return x, features
+
+
+def patch_position_table(side: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions of a tile's tokens, (1 + side * side, dim): row 0 (the class token) is zero; patch
+    (r, c) holds sin and cos of r and of c at dim // 4 frequencies each, from 1 down to 1/100 radian per patch
+    (geometric), zero-padded to `dim`. Values lie in [-1, 1]. See `VisionConfig.patch_position_features`."""
+    quarter = dim // 4
+    freqs = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(100.0) / max(quarter, 1)))
+    rows, cols = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    r, c = rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs  # (P, dim // 4)
+    patches = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=-1)  # (P, 4 * quarter)
+    table = torch.zeros(1 + side * side, dim, device=device, dtype=torch.float32)
+    table[1:, : 4 * quarter] = patches
+    return table.to(dtype or torch.float32)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from adapters.cross_attention import CrossAttentionConfig, CrossAttentionInputs, GatedCrossAttention
-from adapters.image import encode_images, image_inputs
+from adapters.image import VisionProjection, encode_images, image_inputs
 from adapters.media_tokens import N_MEDIA_ROWS, MediaTokenEmbedding
 from encoders.vision import VisionConfig, VisionEncoder
 from mm_llama.api import Assistant
@@ -121,8 +121,9 @@ class MMLlama(nn.Module):
         self.vision = self.vision_projection = self.image_adapter = None
         if config.vision is not None:
             self.vision = VisionEncoder(config.vision)
-            # Multi-layer ViT features (7680-d for ViT-H) -> the trunk's width, with a bias (Llama 3.2's projection).
-            self.vision_projection = nn.Linear(config.vision.output_dim, t.dim)
+            # Multi-layer ViT features (7680-d for ViT-H) -> the trunk's width, with a bias (Llama 3.2's projection;
+            # plus patch positions with VisionConfig.patch_position_features).
+            self.vision_projection = VisionProjection(config.vision, t.dim)
             self.image_adapter = GatedCrossAttention(t, config.image_adapter)
         self.image_id = t.vocab_size  # <|image|>: the first media row (128256 for Llama 3)
         self.source: Path | None = None  # the directory `from_pretrained` read (where `ask` finds tokenizer.model)

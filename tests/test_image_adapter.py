@@ -221,3 +221,39 @@ def test_splice_places_embeddings_at_their_positions():
                        (EmbeddingSpans([torch.randn(2, 8)], samples=[0], starts=[0]), "width 8")):
         with pytest.raises(InputError, match=match):
             model(tokens, Media(embeddings=bad))
+
+
+def test_patch_positions_are_added_to_the_image_tokens_as_loud_as_each_token():
+    from adapters.image import VisionProjection
+    from encoders.vision_blocks import patch_position_table
+
+    plain_config = VisionConfig.preset("debug", tile_size=84, max_tiles=1)  # 6 x 6 patches
+    plain = VisionProjection(plain_config, 64)
+    assert set(plain.state_dict()) == {"weight", "bias"}  # off by default: Llama 3.2's keys, unchanged
+    config = VisionConfig.preset("debug", tile_size=84, max_tiles=1, patch_position_features=True)
+    assert VisionConfig.from_dict(config.to_dict()) == config
+    placed = VisionProjection(config, 64)
+    placed.load_state_dict(plain.state_dict(), strict=False)
+    assert set(placed.state_dict()) == {"weight", "bias", "position_scale"} and placed.position_scale.item() == 1
+    features = torch.randn(2, 1, 1, config.tokens_per_tile, config.output_dim)  # (B, I, T, L, F)
+    base = plain(features)
+    table = patch_position_table(6, 64)
+    assert table.shape == (37, 64) and not table[0].any() and table.abs().max() <= 1
+    assert torch.cdist(table[1:], table[1:]).fill_diagonal_(1).min() > 0.1  # every patch a different place
+    loudness = base.pow(2).mean(-1, keepdim=True).sqrt()
+    assert torch.allclose(placed(features) - base, loudness * table, atol=1e-5)
+    with torch.no_grad():
+        placed.position_scale.fill_(0.5)
+    out = placed(features)
+    assert torch.allclose(out - base, 0.5 * loudness * table, atol=1e-5)
+    assert torch.equal(out[..., 0, :], base[..., 0, :])  # the class token has no place
+    out.pow(2).mean().backward()
+    assert placed.position_scale.grad.abs() > 0  # learned
+    with pytest.raises(ConfigError, match="patch_position_features must be a bool"):
+        VisionConfig.preset("debug", patch_position_features="yes")
+    # In the composed model: only the projection gains the scale; a plain model's keys are unchanged.
+    trunk = LlamaConfig.preset("debug")
+    adapter = CrossAttentionConfig(n_layers=1)
+    keys = set(MMLlama(MMConfig(trunk=trunk, vision=config, image_adapter=adapter)).state_dict())
+    plain_keys = set(MMLlama(MMConfig(trunk=trunk, vision=plain_config, image_adapter=adapter)).state_dict())
+    assert keys - plain_keys == {"vision_projection.position_scale"} and plain_keys <= keys
