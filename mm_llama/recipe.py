@@ -45,7 +45,7 @@ class Size:
 
 
 SIZES = {
-    # The shipped model: about 10 minutes on one H200 (issue 10's note has each stage's time).
+    # The shipped model: about 12 minutes on one H200 (issue 10's note has each stage's time).
     "full": Size(n_text=100_000, n_image=60_000, eval_per_type=50),
     # CI on 2 CPU cores: every step of the full recipe on the real configs, with a handful of steps.
     "tiny": Size(n_text=400, n_image=300, eval_per_type=1, overrides={
@@ -170,9 +170,12 @@ def _package(out: Path) -> str:
 def _evaluate(size: Size) -> Callable[[Path], str]:
     def step(out: Path) -> str:
         from mm_llama.api import Assistant
+        from mm_llama.devices import resolve_device, resolve_dtype
         from mm_llama.evaluation.runner import evaluate
 
-        assistant = Assistant.from_pretrained(out / "model", dtype=torch.float32, device="cpu")
+        device = resolve_device("auto", "device")  # the GPU the stages trained on, if there is one
+        dtype = resolve_dtype("auto", device, "dtype")
+        assistant = Assistant.from_pretrained(out / "model", dtype=dtype, device=device)
         report = evaluate(assistant, suite="shapes", n_per_type=size.eval_per_type, seed=0)
         (out / "eval.json").write_text(json.dumps(report.to_json(), indent=1))
         print(report.table(), flush=True)

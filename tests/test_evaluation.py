@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
@@ -37,19 +38,9 @@ class OracleAssistant:
     """A test double of `Assistant` that knows the answers: right on the types in `right`, wrong elsewhere. It tests
     the scoring and the report, not a model (the shipped model's accuracy is tested in test_demo_model.py)."""
 
-    class _Config:
-        vision = object()
-
-    class _Model:
-        pass
-
-    def __init__(self, answers: dict[str, str], right: set[str], types: dict[str, str], vision=True):
-        self.answers, self.right, self.types = answers, right, types
-        self.model = self._Model()
-        self.model.config = self._Config()
-        if not vision:
-            self.model.config.vision = None
-        self.tokenizer = None  # set by `oracle`
+    def __init__(self, answers: dict[str, str], right: set[str], types: dict[str, str], tokenizer, vision=True):
+        self.answers, self.right, self.types, self.tokenizer = answers, right, types, tokenizer
+        self.model = SimpleNamespace(config=SimpleNamespace(vision=object() if vision else None))
         self.asked = []
 
     def ask(self, question, image=None, max_new_tokens=256):
@@ -72,9 +63,7 @@ def oracle(byte_tokenizer, right, vision=True):
     for task in SUITES["shapes"]:
         for item in task.items(4, seed=0):
             answers[item.question], types[item.question] = item.answer, item.qtype
-    assistant = OracleAssistant(answers, right, types, vision)
-    assistant.tokenizer = byte_tokenizer
-    return assistant
+    return OracleAssistant(answers, right, types, byte_tokenizer, vision)
 
 
 def test_scoring_table_and_json_count_exact_answers(byte_tokenizer):

@@ -112,8 +112,8 @@ class _TokenRow:
             ids = self.tokenizer.encode(text, bos=True, eos=True)[: self.seq_len]
             return ids, [False] * len(ids)
         ids, assistant = [self.tokenizer.bos_id], [False]
-        for message in text:  # encode_dialog's ids, message by message (it encodes each one separately too)
-            piece = self.tokenizer.encode_dialog([message], add_generation_prompt=False)[1:]
+        for message in text:  # encode_dialog's ids (it encodes each message separately too), flagged per message
+            piece = self.tokenizer.encode_message(message["role"], message["content"])
             ids += piece
             assistant += [message["role"] == "assistant"] * len(piece)
         return ids[: self.seq_len], assistant[: self.seq_len]
