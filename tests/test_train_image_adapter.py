@@ -110,6 +110,21 @@ def test_batches_are_deterministic_and_resume(shapes):
     assert prompts == {0, 1}  # mixed: both questions and captions
 
 
+def test_a_worker_delivers_exactly_the_in_process_batches(shapes):
+    # One worker reads the same seeded stream as the main process would; its tensors travel packed as numpy arrays
+    # (pipeline._Packed) and must arrive as the same tensors.
+    def take(num_workers):
+        stream = ImageTextBatches(data_config(shapes, num_workers=num_workers)).batches(start=2)
+        return [next(stream) for _ in range(3)]
+
+    for got, expected in zip(take(1), take(0), strict=True):
+        for key in ("tokens", "mask", "labels"):
+            assert torch.equal(got[key], expected[key]), key
+        for key in ("pixel_values", "aspect_ratio_ids", "tile_mask"):
+            value = getattr(got["images"], key)
+            assert isinstance(value, torch.Tensor) and torch.equal(value, getattr(expected["images"], key)), key
+
+
 def test_an_undecodable_image_is_skipped_and_counted(shapes, tmp_path):
     with tarfile.open(shapes / "image-000000.tar") as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
