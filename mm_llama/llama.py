@@ -104,8 +104,9 @@ class LlamaConfig:
 
 # Numbers from the params.json of each Meta release (llama-models sku list / the released checkpoints).
 LLAMA_PRESETS: dict[str, dict] = {
-    # Tiny, for tests and CPU runs: GQA (4 heads, 2 kv heads), scaled RoPE, untied head.
-    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16,
+    # Tiny, for tests and CPU runs: GQA (4 heads, 2 kv heads), scaled RoPE, untied head; the vocabulary of the shapes
+    # world's tokenizer (`mm_llama.data.world_tokenizer`: 256 bytes + 256 merges + 256 special tokens).
+    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=768, multiple_of=16,
                   use_scaled_rope=True, rope_original_context=64, max_seq_len=256),
     # Llama 3.2 1B: params.json dim 2048, 16 layers, 32/8 heads, ffn_dim_multiplier 1.5, multiple_of 256, tied head;
     # HF config.json rope_scaling factor 32.

@@ -177,7 +177,7 @@ class Tokenizer:
 
     @classmethod
     def byte_level(cls) -> Tokenizer:
-        """A tokenizer with one rank per byte and no merges: 256 ranks, n_words 512 (the demo world's vocabulary).
+        """A tokenizer with one rank per byte and no merges: 256 ranks, n_words 512.
 
         Returns:
             the tokenizer; `write_ranks(path, {bytes([b]): b for b in range(256)})` stores the same table.

@@ -25,6 +25,7 @@ from mm_llama.data import (
     pack,
     synth_text,
 )
+from mm_llama.data.world_tokenizer import world_ranks
 from mm_llama.errors import ConfigError, DataError, InputError
 from mm_llama.tokenizer import Tokenizer, load_ranks, write_ranks
 
@@ -428,7 +429,7 @@ def test_synth_text(tmp_path, tok_path):
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]  # byte-identical shards
     assert shard_samples(synth_text(tmp_path / "c", 60, seed=4, shard_size=16)) != samples
     tok = Tokenizer.from_file(tmp_path / "a" / "tokenizer.model")
-    assert tok.n_words == 512 and load_ranks(tmp_path / "a" / "tokenizer.model") == BYTE_RANKS
+    assert tok.n_words == 768 and load_ranks(tmp_path / "a" / "tokenizer.model") == world_ranks()
     cfg = config(tmp_path / "a", tmp_path / "a" / "tokenizer.model", batch_size=60, seq_len=1024)
     (batch,) = take(TextBatches(cfg), 1)
     assert batch["skipped"] == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mm_llama.data.pack import pack
-from mm_llama.tokenizer import write_ranks
+from mm_llama.data.world_tokenizer import write_world_tokenizer
 from mm_llama.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def repeated_corpus(tmp_path_factory) -> Path:
     doc = "The red circle is left of the blue square. There are two green triangles. " * 3
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for _ in range(64)))
     pack("text", root / "docs.jsonl", root / "corpus", shard_size=16)
-    write_ranks(root / "corpus" / "tokenizer.model", {bytes([i]): i for i in range(256)})
+    write_world_tokenizer(root / "corpus" / "tokenizer.model")  # the debug preset's 768 words
     return root / "corpus"
 
 

@@ -147,8 +147,8 @@ def test_bad_requests_raise_input_errors():
         generator.generate([[1] * 256], Sampling(max_new_tokens=10))
     with pytest.raises(InputError, match="at least one token"):
         generator.generate([[]])
-    with pytest.raises(InputError, match=r"outside \[0, 512\)"):
-        generator.generate([[1, 600]])
+    with pytest.raises(InputError, match=r"outside \[0, 768\)"):
+        generator.generate([[1, 800]])
     with pytest.raises(InputError, match="top_p"):
         Sampling(top_p=0)
     with pytest.raises(InputError, match="temperature"):

@@ -107,7 +107,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_go
     assert "Traceback" not in output
     assert "step 6: writing the checkpoint into" in output and f"The last good checkpoint is {good}" in output
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", good.name]  # nothing partial
-    assert load_llama(good).config.vocab_size == 512
+    assert load_llama(good).config.vocab_size == 768
 
 
 def test_changing_steps_on_resume_keeps_the_schedule_and_says_so(corpus, tmp_path, capsys):

@@ -53,11 +53,11 @@ def test_embeddings_input_equals_token_input():
     torch.manual_seed(0)
     model = Llama(LlamaConfig.preset("debug")).eval()
     model.init_weights()
-    tokens = torch.randint(0, 512, (2, 17))
+    tokens = torch.randint(0, 768, (2, 17))
     with torch.no_grad():
         assert torch.equal(model(tokens), model(embeddings=model.embed(tokens)))
         last = model(tokens, last_only=True)
-    assert last.shape == (2, 1, 512)
+    assert last.shape == (2, 1, 768)
     assert torch.allclose(last[:, 0], model(tokens)[:, -1], atol=1e-6)
 
 

@@ -210,7 +210,7 @@ def test_loss_falls_and_frozen_parts_stay_bit_identical(shapes, tmp_path):
     batch = next(stage.batches(init_runtime("cpu"), 0))
     with torch.no_grad():
         assert torch.equal(fresh.loss(model, batch), stage.loss(result.model, batch))
-    assert (ckpt / "tokenizer.model").is_file() and Tokenizer.from_file(ckpt / "tokenizer.model").n_words == 512
+    assert (ckpt / "tokenizer.model").is_file() and Tokenizer.from_file(ckpt / "tokenizer.model").n_words == 768
 
 
 def test_frozen_vision_stays_bit_identical(shapes, tmp_path):

@@ -45,8 +45,10 @@ from mm_llama.data.world_clips import (
 )
 from mm_llama.data.world_dialogue import CLOSINGS, dialogue
 from mm_llama.data.world_draw import BACKGROUND_RGB, MIN_SIZE, RGB, draw_scene
-from mm_llama.data.world_language import QUESTION_TYPES, captions, image_question, questions
+from mm_llama.data.world_language import QUESTION_TYPES, caption, captions, image_question, questions
+from mm_llama.data.world_tokenizer import N_MERGES, learn_world_ranks, world_ranks
 from mm_llama.errors import InputError
+from mm_llama.tokenizer import Tokenizer
 
 CELL_OF = {place: cell for cell, place in PLACES.items()}
 PLACE = "|".join(sorted(PLACES.values(), key=len, reverse=True))
@@ -550,3 +552,29 @@ def test_command_line_synth(tmp_path, capsys):
                  "heldout"]) == 0
     assert main(["data", "synth", "--kind", "text", "--out", str(tmp_path / "u"), "--n", "5", "--size", "42"]) == 2
     assert "--size 42 applies to --kind image only" in capsys.readouterr().err
+
+
+# --- the world's tokenizer --------------------------------------------------------------------------------------------
+
+
+def test_the_shipped_world_tokenizer_is_what_learning_gives():
+    # A change of the world's language must come with a new table: learning it again gives the shipped file exactly.
+    assert learn_world_ranks() == world_ranks()
+    assert len(world_ranks()) == 256 + N_MERGES
+
+
+def test_the_world_tokenizer_makes_words_single_tokens_and_round_trips_held_out_text():
+    tok = Tokenizer(world_ranks())
+    words = [*SHAPES, *COLOURS, "small", "big", "top", "bottom", "left", "right", "middle", "colour", "shape"]
+    assert [w for w in words if len(tok.encode(" " + w, bos=False, eos=False)) != 1] == []
+    rng, texts = random.Random(11), []
+    while len(texts) < 200:
+        try:
+            texts.append(caption(random_scene(rng, "heldout"), rng, "heldout"))
+        except InputError:  # no held-out wording for that scene
+            continue
+    ids = [tok.encode(t, bos=False, eos=False) for t in texts]
+    assert [tok.decode(x) for x in ids] == texts
+    assert sum(map(len, texts)) / sum(map(len, ids)) > 3.5  # bytes per token; the byte-level table had 1
+    assert tok.encode("Ünïcode ✓", bos=False, eos=False) and tok.decode(tok.encode("Ünïcode ✓", bos=False,
+                                                                                    eos=False)) == "Ünïcode ✓"

@@ -21,8 +21,8 @@ from mm_llama.data.pack import write_shards
 from mm_llama.data.world import check_split, random_scene
 from mm_llama.data.world_draw import DEFAULT_SIZE, MIN_SIZE, draw_scene
 from mm_llama.data.world_language import QUESTION_TYPES, caption, image_question
+from mm_llama.data.world_tokenizer import write_world_tokenizer
 from mm_llama.errors import InputError
-from mm_llama.tokenizer import write_ranks
 
 __all__ = ["image_sample", "synth_image"]
 
@@ -55,11 +55,11 @@ def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_S
 
 def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size: int = DEFAULT_SIZE,
                 shard_size: int = 1000) -> list[Path]:
-    """Write `n` shapes-world images with captions and Q/A as webdataset shards, plus a byte-level tokenizer.
+    """Write `n` shapes-world images with captions and Q/A as webdataset shards, plus the world's tokenizer.
 
     Args:
-        out: output folder; shards are `out/image-000000.tar`, … and the tokenizer `out/tokenizer.model` (256 byte
-            ranks: n_words = 512, the `debug` trunk's vocabulary).
+        out: output folder; shards are `out/image-000000.tar`, … and the tokenizer `out/tokenizer.model` (the world's
+            tokenizer, n_words = 768: the `debug` trunk's vocabulary).
         n: number of samples.
         seed: the same seed gives the same shards, byte for byte.
         split: "train" or "heldout" (see `mm_llama.data.world`): the two never share a scene, caption or question.
@@ -79,5 +79,5 @@ def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size:
             yield image_sample(rng, split, size)
 
     paths = write_shards(Path(out), "image", samples(), shard_size=shard_size, total=n, desc="synth image")
-    write_ranks(Path(out) / "tokenizer.model", {bytes([b]): b for b in range(256)})
+    write_world_tokenizer(Path(out) / "tokenizer.model")
     return paths

@@ -12,8 +12,8 @@ the corpus holds every sentence form those stages use, each grounded in text, in
                           type, answered by what the user turn describes (the caption stands where the image will)
     dialogue (`json`)     1-3 spoken exchanges (`world_dialogue`), the caption before the first user line
 
-Every sample is ASCII, so the byte-level tokenizer written beside the shards (the `debug` trunk's 512 words) covers
-it; `TextBatches` encodes `json` samples with the chat format.
+Every sample is ASCII; the world's tokenizer (`world_tokenizer`: bytes + 256 merges learnt on this language, the
+`debug` trunk's 768 words) is written beside the shards. `TextBatches` encodes `json` samples with the chat format.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from mm_llama.data.world import check_split, random_scene
 from mm_llama.data.world_clips import describe_clip, random_clip, video_question
 from mm_llama.data.world_dialogue import dialogue
 from mm_llama.data.world_language import caption, image_question, relative_statements, statements, uncap
+from mm_llama.data.world_tokenizer import write_world_tokenizer
 from mm_llama.errors import InputError
-from mm_llama.tokenizer import write_ranks
 
 __all__ = ["SAMPLE_KINDS", "synth_text", "text_sample"]
 
@@ -90,11 +90,11 @@ def text_sample(rng: random.Random, split: str = "train") -> dict[str, bytes]:
 
 
 def synth_text(out: Path, n: int, *, seed: int = 0, split: str = "train", shard_size: int = 1000) -> list[Path]:
-    """Write `n` shapes-world text samples as shards, plus a byte-level `tokenizer.model`, into `out`.
+    """Write `n` shapes-world text samples as shards, plus the world's `tokenizer.model`, into `out`.
 
     Args:
-        out: output folder; shards are `out/text-000000.tar`, … and the tokenizer `out/tokenizer.model` (256 byte
-            ranks, so n_words = 512: the `debug` trunk's vocabulary).
+        out: output folder; shards are `out/text-000000.tar`, … and the tokenizer `out/tokenizer.model` (the world's
+            tokenizer, n_words = 768: the `debug` trunk's vocabulary).
         n: number of samples.
         seed: the same seed gives the same corpus, byte for byte.
         split: "train" or "heldout" (see `mm_llama.data.world`): the two never share a scene, caption or question.
@@ -112,5 +112,5 @@ def synth_text(out: Path, n: int, *, seed: int = 0, split: str = "train", shard_
             yield text_sample(rng, split)
 
     paths = write_shards(Path(out), "text", samples(), shard_size=shard_size, total=n, desc="synth text")
-    write_ranks(Path(out) / "tokenizer.model", {bytes([b]): b for b in range(256)})
+    write_world_tokenizer(Path(out) / "tokenizer.model")
     return paths
