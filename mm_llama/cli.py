@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
-        common = {"seed": args.seed, "split": args.split, "shard_size": args.shard_size}
+        common = {"seed": args.seed, "split": args.split, "shard_size": args.shard_size, "workers": args.workers}
         if args.kind == "text":
             from mm_llama.data.synth_text import synth_text
 
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the two splits share none (evaluate on heldout)")
     synth.add_argument("--size", type=int, help="image side in pixels, >= 30 (image only; default 84: cells of 28 px)")
     synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    synth.add_argument("--workers", type=int, default=None,
+                       help="processes drawing samples (default: the usable cores, at most 16); the data do not "
+                            "depend on it")
     pack = data_sub.add_parser("pack", help="pack a JSONL list of texts and files into shards")
     pack.add_argument("--kind", required=True, choices=["text", "image", "video", "speech"], help="sample layout")
     pack.add_argument("--input", required=True, help="JSONL, one sample per line")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mm_llama.cli import main
 from mm_llama.data.synth_image import image_sample, synth_image
-from mm_llama.data.synth_text import text_sample
+from mm_llama.data.synth_text import synth_text, text_sample
 from mm_llama.data.world import (
     BACKGROUNDS,
     COLOURS,
@@ -538,6 +538,19 @@ def test_synth_image_is_deterministic(tmp_path):
         synth_image(tmp_path / "d", 2, size=16)
     with pytest.raises(InputError, match="split must be 'train' or 'heldout', got 'val'"):
         synth_image(tmp_path / "d", 2, split="val")
+
+
+def test_synth_is_the_same_for_any_number_of_processes(tmp_path):
+    # 1,100 samples: three chunks of synth_parallel.CHUNK (500, 500, 100), made in order by one process or by three.
+    one = synth_text(tmp_path / "one", 1100, seed=7, shard_size=400, workers=1)
+    three = synth_text(tmp_path / "three", 1100, seed=7, shard_size=400, workers=3)
+    assert len(one) == 3 and [p.read_bytes() for p in one] == [p.read_bytes() for p in three]
+    images = [synth_image(tmp_path / f"i{w}", 1010, seed=3, size=56, shard_size=600, workers=w) for w in (1, 2)]
+    assert [p.read_bytes() for p in images[0]] == [p.read_bytes() for p in images[1]]
+    keys = [m for tar in map(tarfile.open, images[1]) for m in tar.getnames() if m.endswith(".json")]
+    assert keys == [f"{i:09d}.json" for i in range(1010)]
+    with pytest.raises(InputError, match="workers must be a positive integer, got 0"):
+        synth_text(tmp_path / "zero", 10, workers=0)
 
 
 def test_command_line_synth(tmp_path, capsys):

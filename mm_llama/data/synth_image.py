@@ -11,13 +11,14 @@ the `synth_text` corpus that the trunk learns in stage `lm`.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 from mm_llama.data.pack import write_shards
+from mm_llama.data.synth_parallel import parallel_samples
 from mm_llama.data.world import check_split, random_scene
 from mm_llama.data.world_draw import DEFAULT_SIZE, MIN_SIZE, draw_scene
 from mm_llama.data.world_language import QUESTION_TYPES, caption, image_question
@@ -54,17 +55,18 @@ def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_S
 
 
 def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size: int = DEFAULT_SIZE,
-                shard_size: int = 1000) -> list[Path]:
+                shard_size: int = 1000, workers: int | None = None) -> list[Path]:
     """Write `n` shapes-world images with captions and Q/A as webdataset shards, plus the world's tokenizer.
 
     Args:
         out: output folder; shards are `out/image-000000.tar`, … and the tokenizer `out/tokenizer.model` (the world's
             tokenizer, n_words = 768: the `debug` trunk's vocabulary).
         n: number of samples.
-        seed: the same seed gives the same shards, byte for byte.
+        seed: the same seed gives the same shards, byte for byte, whatever `workers` is.
         split: "train" or "heldout" (see `mm_llama.data.world`): the two never share a scene, caption or question.
         size: image side in pixels, >= 30 (84: cells of 28 px, 2 x 2 patches of 14 px).
         shard_size: samples per shard.
+        workers: processes drawing the samples (None: the usable cores, at most 16; see `synth_parallel`).
     Returns:
         the shard paths.
     """
@@ -72,12 +74,7 @@ def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size:
     for name, value, low in (("n", n, 1), ("size", size, MIN_SIZE)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    rng = random.Random(seed)
-
-    def samples() -> Iterator[dict[str, bytes]]:
-        for _ in range(n):
-            yield image_sample(rng, split, size)
-
-    paths = write_shards(Path(out), "image", samples(), shard_size=shard_size, total=n, desc="synth image")
+    samples = parallel_samples(functools.partial(image_sample, split=split, size=size), n, seed=seed, workers=workers)
+    paths = write_shards(Path(out), "image", samples, shard_size=shard_size, total=n, desc="synth image")
     write_world_tokenizer(Path(out) / "tokenizer.model")
     return paths

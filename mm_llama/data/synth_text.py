@@ -18,12 +18,13 @@ Every sample is ASCII; the world's tokenizer (`world_tokenizer`: bytes + 256 mer
 
 from __future__ import annotations
 
+import functools
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 from mm_llama.data.pack import write_shards
+from mm_llama.data.synth_parallel import parallel_samples
 from mm_llama.data.world import check_split, random_scene
 from mm_llama.data.world_clips import describe_clip, random_clip, video_question
 from mm_llama.data.world_dialogue import dialogue
@@ -89,28 +90,25 @@ def text_sample(rng: random.Random, split: str = "train") -> dict[str, bytes]:
             continue
 
 
-def synth_text(out: Path, n: int, *, seed: int = 0, split: str = "train", shard_size: int = 1000) -> list[Path]:
+def synth_text(out: Path, n: int, *, seed: int = 0, split: str = "train", shard_size: int = 1000,
+               workers: int | None = None) -> list[Path]:
     """Write `n` shapes-world text samples as shards, plus the world's `tokenizer.model`, into `out`.
 
     Args:
         out: output folder; shards are `out/text-000000.tar`, … and the tokenizer `out/tokenizer.model` (the world's
             tokenizer, n_words = 768: the `debug` trunk's vocabulary).
         n: number of samples.
-        seed: the same seed gives the same corpus, byte for byte.
+        seed: the same seed gives the same corpus, byte for byte, whatever `workers` is.
         split: "train" or "heldout" (see `mm_llama.data.world`): the two never share a scene, caption or question.
         shard_size: samples per shard.
+        workers: processes drawing the samples (None: the usable cores, at most 16; see `synth_parallel`).
     Returns:
         the shard paths.
     """
     check_split(split)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"n must be a positive number of samples, got {n!r}")
-    rng = random.Random(seed)
-
-    def samples() -> Iterator[dict[str, bytes]]:
-        for _ in range(n):
-            yield text_sample(rng, split)
-
-    paths = write_shards(Path(out), "text", samples(), shard_size=shard_size, total=n, desc="synth text")
+    samples = parallel_samples(functools.partial(text_sample, split=split), n, seed=seed, workers=workers)
+    paths = write_shards(Path(out), "text", samples, shard_size=shard_size, total=n, desc="synth text")
     write_world_tokenizer(Path(out) / "tokenizer.model")
     return paths
