@@ -33,6 +33,7 @@ from torch import nn
 from mm_llama.errors import ConfigError, InputError
 from mm_llama.llama import FeedForward, LlamaConfig, RMSNorm
 from mm_llama.transfer import to_device
+from mm_llama.values import is_finite_number
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values of the media tokens, each (B, K, N, Hd)
 
@@ -49,6 +50,10 @@ class CrossAttentionConfig:
     n_layers: int = 8  # 8 blocks for Llama 3.2 11B (32 trunk layers), 20 for 90B (80 trunk layers)
     layers: tuple[int, ...] | None = None
     mask_attention_rows: bool = True  # Meta: zero rows without media on both branches; False: HF transformers
+    # Both gates' initial value. 0 is the paper's (the adapter starts as the identity, so the trunk's text behaviour is
+    # untouched); issue 10 found the demo's gates still near 0 after training, with the cross-attention reading a
+    # summary of the picture, so the demo tries a non-zero start. A trained checkpoint's gates replace it.
+    gate_init: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 1:
@@ -62,6 +67,8 @@ class CrossAttentionConfig:
             if len(self.layers) != self.n_layers:
                 raise ConfigError(f"cross-attention layers has {len(self.layers)} entries but n_layers is "
                                   f"{self.n_layers}; they must match")
+        if not is_finite_number(self.gate_init):
+            raise ConfigError(f"cross-attention gate_init must be a finite number, got {self.gate_init!r}")
 
 
 def fusion_schedule(n_trunk_layers: int, n_blocks: int) -> list[int]:
@@ -113,10 +120,10 @@ class CrossAttentionBlock(nn.Module):
         self.mask_attention_rows = config.mask_attention_rows
         self.attention_norm = RMSNorm(trunk.dim, trunk.norm_eps)
         self.attention = CrossAttention(trunk)
-        self.gate_attn = nn.Parameter(torch.zeros(1))
+        self.gate_attn = nn.Parameter(torch.full((1,), float(config.gate_init)))
         self.ffn_norm = RMSNorm(trunk.dim, trunk.norm_eps)
         self.feed_forward = FeedForward(trunk.dim, trunk.ffn_hidden_dim)
-        self.gate_ffwd = nn.Parameter(torch.zeros(1))
+        self.gate_ffwd = nn.Parameter(torch.full((1,), float(config.gate_init)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor, *, kv: KV | None = None,
                 source: torch.Tensor | None = None) -> torch.Tensor:

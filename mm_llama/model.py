@@ -37,13 +37,17 @@ from mm_llama.media import Media, MediaState, Splice
 # Fields that choose Meta's or transformers' semantics when a checkpoint is loaded (`MMConfig.with_semantics`); the
 # weights are the same either way, so mm-llama's checkpoint format never stores them.
 SEMANTICS_FIELDS = {"vision": ("intermediate_mode", "hf_padding_images"), "image_adapter": ("mask_attention_rows",)}
+# Fields that only set freshly initialised weights; a checkpoint's weights replace them, so it never stores them either.
+INIT_ONLY_FIELDS = {"image_adapter": ("gate_init",)}
 
 
 def stored_part_config(name: str, config) -> dict:
-    """Part `name`'s config dataclass as mm-llama's checkpoint format stores it: plain values, no semantics fields."""
+    """Part `name`'s config dataclass as mm-llama's checkpoint format stores it: plain values, no semantics fields
+    and no init-only fields."""
     from mm_llama.config import to_dict
 
-    return {k: v for k, v in to_dict(config).items() if k not in SEMANTICS_FIELDS.get(name, ())}
+    left_out = SEMANTICS_FIELDS.get(name, ()) + INIT_ONLY_FIELDS.get(name, ())
+    return {k: v for k, v in to_dict(config).items() if k not in left_out}
 
 
 @dataclass(kw_only=True)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adapters.cross_attention import (
+    CrossAttentionBlock,
     CrossAttentionConfig,
     cross_attention_inputs,
     cross_attention_schedule,
@@ -187,6 +188,16 @@ def test_identity_at_zero_gates_and_text_only_bit_identical():
     model.image_adapter.cross_attention_layers[0].gate_attn.data.fill_(0.5)
     with torch.no_grad():
         assert not torch.equal(our_logits(model, tokens, tile_mask, n_images, vision), alone)
+
+
+def test_gate_init_sets_both_gates_and_is_checked():
+    trunk = LlamaConfig.preset("debug", vocab_size=300)
+    block = CrossAttentionBlock(trunk, CrossAttentionConfig(n_layers=1, gate_init=0.25))
+    assert block.gate_attn.item() == block.gate_ffwd.item() == 0.25
+    assert CrossAttentionBlock(trunk, CrossAttentionConfig(n_layers=1)).gate_attn.item() == 0.0  # the paper's
+    for bad in (float("nan"), "0.5", True):
+        with pytest.raises(ConfigError, match="gate_init must be a finite number"):
+            CrossAttentionConfig(gate_init=bad)
 
 
 def test_splice_places_embeddings_at_their_positions():
