@@ -74,6 +74,27 @@ class Assistant:
                              "use mm_llama.api.Assistant(model, Tokenizer.from_file(...))")
         return cls(model, _checkpoint_tokenizer(model.source))
 
+    def _prompt(self, question: str, image, images: Sequence | None, system: str | None) -> tuple[list[int], list]:
+        """The checked request as chat-format prompt ids and its list of images."""
+        if not isinstance(question, str):
+            raise InputError(f"question must be a str, got {type(question).__name__}")
+        if image is not None and images is not None:
+            raise InputError("pass image=... or images=[...], not both")
+        if images is not None and not isinstance(images, list | tuple):
+            raise InputError(f"images must be a list of images, got {type(images).__name__} (for one image, pass "
+                             "image=...)")
+        if system is not None and not isinstance(system, str):
+            raise InputError(f"system must be a str or None, got {type(system).__name__}")
+        images = [image] if image is not None else list(images or [])
+        content: str | list[dict] = question
+        if images:
+            if self.model.config.vision is None:
+                raise InputError("this model has no image encoder: it answers text only; ask without an image")
+            content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question.strip()}]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": content})
+        return self.tokenizer.encode_dialog(messages), images
+
     def ask_stream(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
                    max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
                    seed: int | None = None) -> Iterator[str]:
@@ -86,30 +107,14 @@ class Assistant:
             system: a system prompt.
             max_new_tokens, temperature, top_k, top_p, seed: sampling (`generate.Sampling`); greedy by default.
         """
-        if not isinstance(question, str):
-            raise InputError(f"question must be a str, got {type(question).__name__}")
-        if image is not None and images is not None:
-            raise InputError("pass image=... or images=[...], not both")
-        if images is not None and not isinstance(images, list | tuple):
-            raise InputError(f"images must be a list of images, got {type(images).__name__} (for one image, pass "
-                             "image=...)")
-        if system is not None and not isinstance(system, str):
-            raise InputError(f"system must be a str or None, got {type(system).__name__}")
-        images = [image] if image is not None else list(images or [])
+        prompt, images = self._prompt(question, image, images, system)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed)
         media = None
-        content: str | list[dict] = question
         if images:
             vision = self.model.config.vision
-            if vision is None:
-                raise InputError("this model has no image encoder: it answers text only; ask without an image")
             media = Media(images=Images.prepare([images], tile_size=vision.tile_size, max_tiles=vision.max_tiles,
                                                 max_images=MAX_IMAGES))
-            content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question.strip()}]
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": content})
-        prompt = self.tokenizer.encode_dialog(messages)
         return self.generator.stream_text(self.tokenizer, prompt, sampling, media=media)
 
     def ask(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
@@ -119,6 +124,37 @@ class Assistant:
         return "".join(self.ask_stream(question, image=image, images=images, system=system,
                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed))
+
+    def ask_batch(self, questions: Sequence[str], *, images: Sequence | None = None, system: str | None = None,
+                  max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                  seed: int | None = None) -> list[str]:
+        """Answer several questions in one batch: what `ask` answers for each, greedy, in a fraction of the time
+        (`mm-llama eval` asks this way).
+
+        Args:
+            questions: the user messages.
+            images: None, or one entry per question: an image (as `ask`'s `image`) or None for a text question.
+            system, max_new_tokens, temperature, top_k, top_p, seed: as `ask`, for every question.
+        Returns:
+            the answers, in the order of `questions`.
+        """
+        if not isinstance(questions, list | tuple) or not questions:
+            raise InputError(f"questions must be a non-empty list of str, got {questions!r:.80}")
+        images = [None] * len(questions) if images is None else images
+        if not isinstance(images, list | tuple) or len(images) != len(questions):
+            raise InputError(f"images must be a list with one entry (an image or None) per question: "
+                             f"{len(questions)} question(s), got {images!r:.80}")
+        requests = [self._prompt(q, image, None, system) for q, image in zip(questions, images, strict=True)]
+        media = None
+        if any(row for _, row in requests):
+            vision = self.model.config.vision
+            media = Media(images=Images.prepare([row for _, row in requests], tile_size=vision.tile_size,
+                                                max_tiles=vision.max_tiles, max_images=1))
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed)
+        answers = self.generator.generate([prompt for prompt, _ in requests], sampling, self.tokenizer.stop_tokens,
+                                          media)
+        return [self.tokenizer.decode(ids) for ids in answers]
 
 
 def _checkpoint_tokenizer(directory: Path) -> Tokenizer:

@@ -8,6 +8,7 @@ that ships against regressions (a broken loader, a lost part, bad bf16 weights),
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -37,3 +38,21 @@ def test_loaded_by_name_and_answers_held_out_questions():
     assert report["text-qa"]["accuracy"] >= 0.70, report["text-qa"]
     assert report["image-qa"]["accuracy"] >= 0.45, report["image-qa"]
     assert report["image-qa"]["types"]["existence"]["accuracy"] >= 0.65
+
+
+def test_a_batch_answers_what_one_by_one_answers():
+    # Image and text questions mixed in one batch, prompts of different lengths: greedy answers equal `ask`'s.
+    from mm_llama.errors import InputError
+    from mm_llama.evaluation.tasks import SUITES
+
+    assistant = Assistant.from_pretrained("demo", dtype=torch.float32)
+    text, image = (task.items(1, seed=5) for task in SUITES["shapes"])
+    items = [x for pair in zip(image, text, strict=True) for x in pair][:10]
+    images = [item.image for item in items]
+    batched = assistant.ask_batch([item.question for item in items], images=images, max_new_tokens=48)
+    alone = [assistant.ask(item.question, **item.media(), max_new_tokens=48) for item in items]
+    assert batched == alone and len(set(batched)) > 5
+    with pytest.raises(InputError, match="non-empty list"):
+        assistant.ask_batch([])
+    with pytest.raises(InputError, match="one entry .* per question: 1 question"):
+        assistant.ask_batch(["Is there a star?"], images=[None, None])

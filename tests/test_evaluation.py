@@ -41,7 +41,13 @@ class OracleAssistant:
     def __init__(self, answers: dict[str, str], right: set[str], types: dict[str, str], tokenizer, vision=True):
         self.answers, self.right, self.types, self.tokenizer = answers, right, types, tokenizer
         self.model = SimpleNamespace(config=SimpleNamespace(vision=object() if vision else None))
-        self.asked = []
+        self.asked, self.batches = [], []
+
+    def ask_batch(self, questions, images=None, max_new_tokens=256):
+        images = images or [None] * len(questions)
+        assert len(images) == len(questions)
+        self.batches.append(len(questions))
+        return [self.ask(q, image, max_new_tokens) for q, image in zip(questions, images, strict=True)]
 
     def ask(self, question, image=None, max_new_tokens=256):
         self.asked.append((question, image is not None, max_new_tokens))
@@ -85,6 +91,7 @@ def test_scoring_table_and_json_count_exact_answers(byte_tokenizer):
     assert len(table) == 2 + 2 * 8
     # Every question asked once, with room for its answer (byte-level: one token per byte) and no more than +16.
     assert len(assistant.asked) == 56 and sum(img for _, img, _ in assistant.asked) == 28
+    assert assistant.batches == [32, 24]  # batches of 32 (the default), across the two tasks
     longest = max(len(a.encode()) for a in assistant.answers.values())
     assert {m for _, _, m in assistant.asked} == {longest + 16}
     json.dumps(data)

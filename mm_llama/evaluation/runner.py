@@ -90,11 +90,11 @@ class Report:
 
 
 def evaluate(assistant, suite: str = "shapes", *, n_per_type: int = 50, seed: int = 0, tasks: list[str] | None = None,
-             progress: bool = True, checkpoint: str | None = None) -> Report:
+             progress: bool = True, checkpoint: str | None = None, batch_size: int = 32) -> Report:
     """Ask every item of the suite's tasks (or of `tasks`) and count the exact answers.
 
     Args:
-        assistant: an `mm_llama.api.Assistant` (anything with `ask(question, image=..., max_new_tokens=...)`,
+        assistant: an `mm_llama.api.Assistant` (anything with `ask_batch(questions, images=..., max_new_tokens=...)`,
             `.tokenizer` and `.model.config`).
         suite: a key of `SUITES`.
         n_per_type: questions per question type of each task.
@@ -102,6 +102,7 @@ def evaluate(assistant, suite: str = "shapes", *, n_per_type: int = 50, seed: in
         tasks: task names to run (default: all of the suite's).
         progress: a progress bar on stderr.
         checkpoint: recorded in the report.
+        batch_size: questions asked together (`Assistant.ask_batch`; greedy answers equal asking one by one).
     Returns:
         the Report; a task whose medium the model lacks (an image task for a text-only trunk) is skipped and said so.
     """
@@ -117,6 +118,15 @@ def evaluate(assistant, suite: str = "shapes", *, n_per_type: int = 50, seed: in
         return report
     # Room for the longest expected answer and its end token, with slack to see what a wrong answer goes on to say.
     max_new = max(len(assistant.tokenizer.encode(i.answer, bos=False, eos=False)) for i in items) + 16
-    for item in tqdm(items, desc=f"eval {suite}", unit="question", disable=not progress, file=sys.stderr):
-        report.add(item, assistant.ask(item.question, **item.media(), max_new_tokens=max_new))
+    with tqdm(total=len(items), desc=f"eval {suite}", unit="question", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            # Each medium keyword of `ask` ("image") becomes `ask_batch`'s list of one entry (or None) per question
+            # ("images"), so a new medium needs no change here.
+            kinds = sorted({kind for item in chunk for kind in item.media()})
+            media = {f"{kind}s": [item.media().get(kind) for item in chunk] for kind in kinds}
+            answers = assistant.ask_batch([item.question for item in chunk], **media, max_new_tokens=max_new)
+            for item, answer in zip(chunk, answers, strict=True):
+                report.add(item, answer)
+            bar.update(len(chunk))
     return report
