@@ -297,10 +297,12 @@ def _worker_signals(main_exiting: multiprocessing.synchronize.Event, worker_id: 
     """A DataLoader worker ignores SIGTERM and SIGINT: a scheduler signals the whole process group, and the main
     process must checkpoint before its workers go (see `mm_llama.train.stop`). Only a SIGTERM sent while the main
     process exits (multiprocessing terminating its daemonic children) ends the worker; without that, a worker whose
-    iterator was never shut down would make the exit wait forever."""
+    iterator was never shut down would make the exit wait forever. It then exits with status 0: it was asked to go,
+    and torch's SIGCHLD handler in the main process reports any other status as "DataLoader worker exited
+    unexpectedly", a traceback at the end of every script that leaves an iterator open."""
     def on_term(signum, frame) -> None:
         if main_exiting.is_set():
-            os._exit(128 + signum)
+            os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
