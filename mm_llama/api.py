@@ -95,6 +95,12 @@ class Assistant:
         messages.append({"role": "user", "content": content})
         return self.tokenizer.encode_dialog(messages), images
 
+    def _image_media(self, rows: list[list], max_images: int) -> Media:
+        """Each question's images (a list per question, maybe empty) as the model's media."""
+        vision = self.model.config.vision
+        return Media(images=Images.prepare(rows, tile_size=vision.tile_size, max_tiles=vision.max_tiles,
+                                           max_images=max_images))
+
     def ask_stream(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
                    max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
                    seed: int | None = None) -> Iterator[str]:
@@ -110,11 +116,7 @@ class Assistant:
         prompt, images = self._prompt(question, image, images, system)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed)
-        media = None
-        if images:
-            vision = self.model.config.vision
-            media = Media(images=Images.prepare([images], tile_size=vision.tile_size, max_tiles=vision.max_tiles,
-                                                max_images=MAX_IMAGES))
+        media = self._image_media([images], MAX_IMAGES) if images else None
         return self.generator.stream_text(self.tokenizer, prompt, sampling, media=media)
 
     def ask(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
@@ -145,11 +147,7 @@ class Assistant:
             raise InputError(f"images must be a list with one entry (an image or None) per question: "
                              f"{len(questions)} question(s), got {images!r:.80}")
         requests = [self._prompt(q, image, None, system) for q, image in zip(questions, images, strict=True)]
-        media = None
-        if any(row for _, row in requests):
-            vision = self.model.config.vision
-            media = Media(images=Images.prepare([row for _, row in requests], tile_size=vision.tile_size,
-                                                max_tiles=vision.max_tiles, max_images=1))
+        media = self._image_media([row for _, row in requests], 1) if any(row for _, row in requests) else None
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed)
         answers = self.generator.generate([prompt for prompt, _ in requests], sampling, self.tokenizer.stop_tokens,

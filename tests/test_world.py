@@ -589,5 +589,4 @@ def test_the_world_tokenizer_makes_words_single_tokens_and_round_trips_held_out_
     ids = [tok.encode(t, bos=False, eos=False) for t in texts]
     assert [tok.decode(x) for x in ids] == texts
     assert sum(map(len, texts)) / sum(map(len, ids)) > 3.5  # bytes per token; the byte-level table had 1
-    assert tok.encode("Ünïcode ✓", bos=False, eos=False) and tok.decode(tok.encode("Ünïcode ✓", bos=False,
-                                                                                    eos=False)) == "Ünïcode ✓"
+    assert tok.decode(tok.encode("Ünïcode ✓", bos=False, eos=False)) == "Ünïcode ✓"  # any text still encodes

@@ -3,8 +3,8 @@
     report = evaluate(Assistant.from_pretrained("demo"), suite="shapes", n_per_type=50)
     print(report.table()); json.dump(report.to_json(), f)
 
-Every question is asked alone, greedily, as a user of `Assistant.ask` would; an answer counts when it equals the
-expected one after stripping surrounding whitespace (the world's answers are exact).
+Questions are asked greedily in batches (`Assistant.ask_batch`, whose answers equal `Assistant.ask`'s one by one); an
+answer counts when it equals the expected one after stripping surrounding whitespace (the world's answers are exact).
 """
 
 from __future__ import annotations

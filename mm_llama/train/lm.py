@@ -26,6 +26,7 @@ from mm_llama.errors import ConfigError
 from mm_llama.llama import Llama, LlamaConfig
 from mm_llama.train.distributed import Runtime
 from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
+from mm_llama.values import is_finite_number
 
 
 @dataclass
@@ -39,9 +40,8 @@ class LMStageConfig:
     assistant_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        w = self.assistant_weight
-        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < float("inf"):
-            raise ConfigError(f"assistant_weight must be a positive number, got {w!r}")
+        if not is_finite_number(self.assistant_weight) or self.assistant_weight <= 0:
+            raise ConfigError(f"assistant_weight must be a positive number, got {self.assistant_weight!r}")
 
 
 class LMStage:
@@ -79,8 +79,6 @@ class LMStage:
         tokens, mask = batch["tokens"], batch["mask"]
         logits = model(tokens[:, :-1])  # (B, T-1, V) fp32; right padding never reaches real positions (causal)
         targets = tokens[:, 1:].masked_fill(~mask[:, 1:], -100)
-        if self.config.assistant_weight == 1:
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
         weights = 1 + (self.config.assistant_weight - 1) * batch["assistant"][:, 1:].flatten().float()
         return (losses * weights).sum()
