@@ -58,7 +58,7 @@ def main() -> None:
         if i >= 3:  # warm-up: first calls allocate caches and pick kernels
             first.append(t_first)
             whole.append(time.perf_counter() - t0)
-            lengths.append(len("".join(pieces).encode()))
+            lengths.append(len(assistant.tokenizer.encode("".join(pieces), bos=False, eos=False)))
 
     def q90(xs: list[float]) -> float:
         return sorted(xs)[int(0.9 * (len(xs) - 1))]
@@ -66,7 +66,7 @@ def main() -> None:
     print(f"first token: median {1000 * statistics.median(first):.0f} ms, p90 {1000 * q90(first):.0f} ms")
     print(f"whole answer: median {1000 * statistics.median(whole):.0f} ms, p90 {1000 * q90(whole):.0f} ms, "
           f"max {1000 * max(whole):.0f} ms")
-    print(f"answer length: median {statistics.median(lengths):.0f} bytes (= tokens: byte-level), max {max(lengths)}")
+    print(f"answer length: median {statistics.median(lengths):.0f} tokens, max {max(lengths)}")
 
 
 if __name__ == "__main__":

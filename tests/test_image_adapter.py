@@ -188,6 +188,7 @@ def test_identity_at_zero_gates_and_text_only_bit_identical():
     model.image_adapter.cross_attention_layers[0].gate_attn.data.fill_(0.5)
     with torch.no_grad():
         assert not torch.equal(our_logits(model, tokens, tile_mask, n_images, vision), alone)
+        assert torch.equal(model(text), trunk(text))  # open gates (the demo's gate_init) leave text-only prompts alone
 
 
 def test_gate_init_sets_both_gates_and_is_checked():
