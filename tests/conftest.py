@@ -76,7 +76,7 @@ def hf_checkpoint(tmp_path):
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    """800 shapes-world text samples in 4 shards with the world tokenizer synth writes (the `debug` trunk's vocabulary)."""
+    """800 shapes-world text samples in 4 shards, with the world tokenizer synth writes (the `debug` vocabulary)."""
     from mm_llama.data.synth_text import synth_text
 
     out = tmp_path_factory.mktemp("text")
