@@ -125,6 +125,7 @@ ORACLE = [
     (rf"Which shape is ({PLACE})\?", lambda s, m: f"The {s.at(*CELL_OF[m[1]]).kind} is {m[1]}."),
     (rf"Which kind of shape is ({PLACE})\?", lambda s, m: f"It is a {s.at(*CELL_OF[m[1]]).kind}."),
     (rf"What shape do you see ({PLACE})\?", lambda s, m: f"I see a {s.at(*CELL_OF[m[1]]).kind} {m[1]}."),
+    (rf"Which shape can you see ({PLACE})\?", lambda s, m: f"I can see a {s.at(*CELL_OF[m[1]]).kind} {m[1]}."),
     (r"What kind of shape is (the .+)\?", lambda s, m: f"It is a {resolve(s, m[1]).kind}."),
     (r"Is there (?:a|an) (.+) in the picture\?", lambda s, m: exists(s, m[1], 2)),
     (r"Is there (?:a|an) (.+)\?", lambda s, m: exists(s, m[1], 0)),
