@@ -12,7 +12,8 @@ merges in the order they were learnt, which is the order tiktoken applies them; 
 
 The merges are learnt from train-split text only (held-out sentences never shape the table), deterministically, and
 the table is package data (`world_tokenizer.model`); `tests/test_world.py` checks that learning it again gives the
-same file, so a change of the world's language cannot silently leave a stale table.
+same file, so a change of the world's language cannot silently leave a stale table. After such a change, write the
+new table with `mm_llama.tokenizer.write_ranks(WORLD_TOKENIZER, learn_world_ranks())`.
 """
 
 from __future__ import annotations
