@@ -5,6 +5,7 @@
     mm-llama export --checkpoint DIR --out DIR [--trunk DIR]   # self-contained copy of an adapter checkpoint
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
     mm-llama data synth --kind text|image --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
+                        [--questions Q]
     mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
     mm-llama eval [--checkpoint DIR] --suite shapes [--n-per-type N] [--seed S] [--task NAME ...] [--json FILE]
                                                       # held-out accuracy per task and question type
@@ -76,13 +77,17 @@ def cmd_data(args: argparse.Namespace) -> None:
 
             if args.size is not None:
                 raise InputError(f"--size {args.size} applies to --kind image only (text has no pixels)")
+            if args.questions is not None:
+                raise InputError(f"--questions {args.questions} applies to --kind image only (a text sample's "
+                                 "questions follow its own kind)")
             shards = synth_text(Path(args.out), args.n, **common)
         else:  # "image": the parser accepts only the kinds that exist
-            from mm_llama.data.synth_image import synth_image
+            from mm_llama.data.synth_image import QUESTIONS_PER_IMAGE, synth_image
             from mm_llama.data.world_draw import DEFAULT_SIZE
 
             size = DEFAULT_SIZE if args.size is None else args.size
-            shards = synth_image(Path(args.out), args.n, size=size, **common)
+            questions = QUESTIONS_PER_IMAGE if args.questions is None else args.questions
+            shards = synth_image(Path(args.out), args.n, size=size, questions=questions, **common)
     else:
         from mm_llama.data.pack import pack
 
@@ -205,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--split", default="train", choices=["train", "heldout"], help="which scenes and sentences: "
                        "the two splits share none (evaluate on heldout)")
     synth.add_argument("--size", type=int, help="image side in pixels, >= 30 (image only; default 84: cells of 28 px)")
+    synth.add_argument("--questions", type=int, help="questions per picture, >= 1 (image only; default 4: the first "
+                       "and 3 follow-ups, trained as one chat)")
     synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     synth.add_argument("--workers", type=int, default=None,
                        help="processes drawing samples (default: the usable cores, at most 16); the data do not "

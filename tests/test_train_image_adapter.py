@@ -68,30 +68,73 @@ def test_synth_is_deterministic_and_needs_the_image(shapes, tmp_path):
         qa = json.loads(tar.extractfile("000000003.json").read())
         png = tar.extractfile("000000003.png").read()
     assert names[:3] == ["000000000.json", "000000000.png", "000000000.txt"]
-    assert set(qa) == {"question", "answer", "type"} and qa["question"].endswith("?")
+    assert set(qa) == {"question", "answer", "type", "follow_ups"} and qa["question"].endswith("?")
+    assert 1 <= len(qa["follow_ups"]) <= 3 and all(set(f) == {"question", "answer", "type"} for f in qa["follow_ups"])
+    assert len({qa["question"], *(f["question"] for f in qa["follow_ups"])}) == 1 + len(qa["follow_ups"])
     from PIL import Image
 
     assert Image.open(io.BytesIO(png)).size == (84, 84)
 
 
-def test_labels_cover_exactly_the_answer(shapes):
-    source = ImageTextBatches(data_config(shapes, task="qa"))
+def answer_runs(tokens: list[int], tok: Tokenizer) -> list[range]:
+    """Each assistant answer's positions with its <|eot_id|> (the last may be cut by the row's end)."""
+    header, runs = tok.encode_header("assistant"), []
+    for i in range(len(tokens) - len(header) + 1):
+        if tokens[i : i + len(header)] == header:
+            start = i + len(header)
+            end = next((j + 1 for j in range(start, len(tokens)) if tokens[j] == tok.eot_id), len(tokens))
+            runs.append(range(start, end))
+    return runs
+
+
+def test_labels_cover_exactly_the_answers(shapes):
+    source = ImageTextBatches(data_config(shapes, task="qa", seq_len=512))
     tok = source.tokenizer
     batch = next(source.batches())
     images = batch["images"]
     assert images.pixel_values.shape == (8, 1, 4, 3, 28, 28) and images.aspect_ratio_ids.shape == (8, 1)
     assert images.n_images == [1] * 8 and images.tile_mask.shape == (8, 1, 4)
+    turns = []
     for tokens, mask, labels in zip(batch["tokens"], batch["mask"], batch["labels"], strict=True):
         assert (tokens == tok.image_id).sum() == 1 and not (labels == tok.image_id).any()
         assert (tokens[~mask] == tok.pad_id).all() and (labels[~mask] == -100).all()
+        runs = answer_runs(tokens[mask].tolist(), tok)
+        on = [i for run in runs for i in run]
+        assert (labels != -100).nonzero().flatten().tolist() == on  # the answers, and nothing else
+        assert torch.equal(labels[on], tokens[on]) and all(tokens[run[-1]] == tok.eot_id for run in runs)
+        # the image opens the first user turn; the follow-ups are later user turns, each answered in turn
         text = tok.decode(tokens[mask].tolist())
-        answer = text.split("<|start_header_id|>assistant<|end_header_id|>\n\n")[1]
-        assert tok.decode(labels[labels != -100].tolist()) == answer and answer.endswith("<|eot_id|>")
-        on = (labels != -100).nonzero().flatten()
-        assert on.tolist() == list(range(int(on[0]), int(mask.sum())))  # one contiguous run up to the row's end
-        assert torch.equal(labels[on], tokens[on])
+        assert text.count("<|start_header_id|>user<|end_header_id|>\n\n") == len(runs)
+        assert text.index("<|image|>") < text.index("<|start_header_id|>assistant")
+        turns.append(len(runs))
+    assert min(turns) >= 1 and max(turns) == 4 and sum(turns) >= 20  # synth asks up to 4 questions a picture
+    cut = next(ImageTextBatches(data_config(shapes, task="qa", seq_len=40)).batches())
+    assert cut["tokens"].shape[1] == 40 and (cut["labels"] != -100).any()  # a long chat is cut at seq_len
     captions = next(ImageTextBatches(data_config(shapes, task="caption")).batches())
     assert all(CAPTION_PROMPT in tok.decode(row.tolist()) for row in captions["tokens"])
+    assert all(len(answer_runs(row[m].tolist(), tok)) == 1
+               for row, m in zip(captions["tokens"], captions["mask"], strict=True))
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ([1], "'json' must be an object with 'question' and 'answer', got list"),
+    ({"question": "Q?"}, "'json' must hold non-empty strings"),
+    ({"question": "Q?", "answer": "A.", "follow_ups": {"question": "R?"}}, "'follow_ups' must be a list"),
+    ({"question": "Q?", "answer": "A.", "follow_ups": [{"question": "R?", "answer": ""}]},
+     r"follow_ups\[0\] must hold non-empty strings"),
+])  # fmt: skip
+def test_a_bad_question_record_is_a_bad_sample_naming_its_fault(shapes, record, message):
+    from mm_llama.data.image import _Decode
+    from mm_llama.data.pipeline import BadSample
+
+    with tarfile.open(shapes / "image-000000.tar") as tar:
+        png = tar.extractfile("000000000.png").read()
+    decode = _Decode("qa", seed=0)
+    with pytest.raises(BadSample, match=message) as info:
+        decode({"__key__": "k9", "png": png, "json": json.dumps(record).encode()})
+    assert "sample k9" in str(info.value)
+    one = decode({"__key__": "k9", "png": png, "json": b'{"question": "Q?", "answer": "A."}'})
+    assert one.turns == (("Q?", "A."),)  # follow_ups are optional: a single question is one turn
 
 
 def test_batches_are_deterministic_and_resume(shapes):

@@ -1,12 +1,14 @@
-"""Shapes-world images (see `mm_llama.data.world`): one scene per sample, with a caption and one question.
+"""Shapes-world images (see `mm_llama.data.world`): one scene per sample, with a caption and a few questions.
 
-Each sample is a PNG (`png`), a caption (`txt`) and a question with its answer and type (`json`), e.g.
+Each sample is a PNG (`png`), a caption (`txt`) and a question with its answer and type, plus follow-up questions
+about the same picture (`json`; `mm_llama.data.image` trains them as the later turns of one chat), e.g.
     png   84 x 84: a big red circle at the top left, a small blue star in the middle, on light grey
     txt   There are two shapes: a big red circle at the top left and a small blue star in the middle.
     json  {"question": "Is the star left of the circle?", "answer": "No, the star is right of the circle.",
-           "type": "relative position"}
-Question types are drawn uniformly (QUESTION_TYPES), and only the image answers the question. The words are those of
-the `synth_text` corpus that the trunk learns in stage `lm`.
+           "type": "relative position", "follow_ups": [{"question": "What shape is in the middle?",
+           "answer": "It is a star.", "type": "shape"}, ...]}
+Question types are drawn uniformly (QUESTION_TYPES), and only the image answers the questions. The words are those
+of the `synth_text` corpus that the trunk learns in stage `lm`.
 """
 
 from __future__ import annotations
@@ -25,18 +27,28 @@ from mm_llama.data.world_language import QUESTION_TYPES, caption, image_question
 from mm_llama.data.world_tokenizer import write_world_tokenizer
 from mm_llama.errors import InputError
 
-__all__ = ["image_sample", "synth_image"]
+__all__ = ["QUESTIONS_PER_IMAGE", "image_sample", "synth_image"]
+
+# Questions per picture. With one, a batch of 64 held about 2 of the "which shape is at <place>" questions that the
+# adapter must learn to look up by place, and it never did (issue 10); four per picture cost little (the ViT runs
+# once per picture; the small trunk reads a longer chat).
+QUESTIONS_PER_IMAGE = 4
 
 
-def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_SIZE) -> dict[str, bytes]:
+def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_SIZE,
+                 questions: int = QUESTIONS_PER_IMAGE) -> dict[str, bytes]:
     """One sample {"png", "txt", "json"} of a random scene of `split`; the same `rng` state gives the same bytes.
 
     Args:
         rng: the random source.
-        split: "train" or "heldout": the scene, the caption and the question all belong to it.
+        split: "train" or "heldout": the scene, the caption and the questions all belong to it.
         size: the image side in pixels (>= 30).
+        questions: questions about the picture (>= 1): the first, then `questions - 1` follow-ups, each of a
+            uniformly drawn type; a follow-up that repeats an earlier question, or whose type the scene does not
+            allow, is left out.
     Returns:
-        the members: PNG bytes, the caption, and JSON {"question", "answer", "type"} (type in QUESTION_TYPES), ASCII.
+        the members: PNG bytes, the caption, and JSON {"question", "answer", "type", "follow_ups": [{"question",
+        "answer", "type"}, ...]} (types in QUESTION_TYPES), ASCII.
     """
     check_split(split)
     qtype = rng.choice(QUESTION_TYPES)  # first, so that each type is 1/7 of the samples whatever scenes allow
@@ -50,12 +62,21 @@ def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_S
         break
     png = io.BytesIO()
     draw_scene(scene, size, rng).save(png, format="PNG")
-    record = {"question": qa.question, "answer": qa.answer, "type": qa.qtype}
+    asked, follow_ups = {qa.question}, []
+    for _ in range(questions - 1):
+        try:
+            more = image_question(scene, rng, split, rng.choice(QUESTION_TYPES))
+        except InputError:  # a type this scene has none of in this split (a relation needs two shapes)
+            continue
+        if more.question not in asked:
+            asked.add(more.question)
+            follow_ups.append({"question": more.question, "answer": more.answer, "type": more.qtype})
+    record = {"question": qa.question, "answer": qa.answer, "type": qa.qtype, "follow_ups": follow_ups}
     return {"png": png.getvalue(), "txt": text.encode("ascii"), "json": json.dumps(record).encode("ascii")}
 
 
 def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size: int = DEFAULT_SIZE,
-                shard_size: int = 1000, workers: int | None = None) -> list[Path]:
+                questions: int = QUESTIONS_PER_IMAGE, shard_size: int = 1000, workers: int | None = None) -> list[Path]:
     """Write `n` shapes-world images with captions and Q/A as webdataset shards, plus the world's tokenizer.
 
     Args:
@@ -65,16 +86,18 @@ def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size:
         seed: the same seed gives the same shards, byte for byte, whatever `workers` is.
         split: "train" or "heldout" (see `mm_llama.data.world`): the two never share a scene, caption or question.
         size: image side in pixels, >= 30 (84: cells of 28 px, 2 x 2 patches of 14 px).
+        questions: questions per picture, >= 1 (see `image_sample`).
         shard_size: samples per shard.
         workers: processes drawing the samples (None: the usable cores, at most 16; see `synth_parallel`).
     Returns:
         the shard paths.
     """
     check_split(split)
-    for name, value, low in (("n", n, 1), ("size", size, MIN_SIZE)):
+    for name, value, low in (("n", n, 1), ("size", size, MIN_SIZE), ("questions", questions, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    samples = parallel_samples(functools.partial(image_sample, split=split, size=size), n, seed=seed, workers=workers)
+    sample = functools.partial(image_sample, split=split, size=size, questions=questions)
+    samples = parallel_samples(sample, n, seed=seed, workers=workers)
     paths = write_shards(Path(out), "image", samples, shard_size=shard_size, total=n, desc="synth image")
     write_world_tokenizer(Path(out) / "tokenizer.model")
     return paths
