@@ -5,7 +5,7 @@
     mm-llama export --checkpoint DIR --out DIR [--trunk DIR]   # self-contained copy of an adapter checkpoint
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
     mm-llama data synth --kind text|image --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
-                        [--questions Q]
+                        [--questions Q] [--type-weights TYPE=W,...]
     mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
     mm-llama eval [--checkpoint DIR] --suite shapes [--n-per-type N] [--seed S] [--task NAME ...] [--json FILE]
                                                       # held-out accuracy per task and question type
@@ -77,6 +77,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
             if args.size is not None:
                 raise InputError(f"--size {args.size} applies to --kind image only (text has no pixels)")
+            if args.type_weights is not None:
+                raise InputError("--type-weights applies to --kind image only")
             if args.questions is not None:
                 raise InputError(f"--questions {args.questions} applies to --kind image only (a text sample's "
                                  "questions follow its own kind)")
@@ -87,12 +89,30 @@ def cmd_data(args: argparse.Namespace) -> None:
 
             size = DEFAULT_SIZE if args.size is None else args.size
             questions = QUESTIONS_PER_IMAGE if args.questions is None else args.questions
-            shards = synth_image(Path(args.out), args.n, size=size, questions=questions, **common)
+            shards = synth_image(Path(args.out), args.n, size=size, questions=questions,
+                                 type_weights=_type_weights(args.type_weights), **common)
     else:
         from mm_llama.data.pack import pack
 
         shards = pack(args.kind, Path(args.input), Path(args.out), shard_size=args.shard_size)
     print(f"wrote {len(shards)} shard(s) to {args.out}")
+
+
+def _type_weights(text: str | None) -> dict[str, float] | None:
+    """"shape=2,colour=2" -> {"shape": 2.0, "colour": 2.0}; None stays None."""
+    if text is None:
+        return None
+    weights = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InputError(f"--type-weights {text!r}: each item must be TYPE=NUMBER, e.g. 'shape=2,relative "
+                             f"position=2'; got {item!r}")
+    return weights
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -212,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, help="image side in pixels, >= 30 (image only; default 84: cells of 28 px)")
     synth.add_argument("--questions", type=int, help="questions per picture, >= 1 (image only; default 4: the first "
                        "and 3 follow-ups, trained as one chat)")
+    synth.add_argument("--type-weights", help="image only: relative weights of question types, e.g. "
+                       "'shape=2,relative position=2' (unnamed types weigh 1; default: all 1)")
     synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     synth.add_argument("--workers", type=int, default=None,
                        help="processes drawing samples (default: the usable cores, at most 16); the data do not "
@@ -242,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "same command again after an interruption)")
     recipe.add_argument("recipe", choices=["demo"], help="demo: the embedded shapes-world model (lm -> image-adapter)")
     recipe.add_argument("--out", required=True, help="run folder: data, each stage's checkpoints, model/, eval.json")
-    recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (9 minutes "
+    recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (10 minutes "
                         "on one H200); tiny: every step with a handful of training steps (a CPU minute)")
     recipe.add_argument("--no-eval", action="store_true", help="skip the final mm-llama eval --suite shapes")
     recipe.set_defaults(func=cmd_recipe)

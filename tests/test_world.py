@@ -498,7 +498,8 @@ def test_image_samples_show_their_caption_and_answer_right():
         qa = json.loads(sample["json"])
         types[qa["type"]] += 1
         scene = parse_caption(sample["txt"].decode())
-        assert qa["answer"] == oracle(scene, qa["question"]), qa
+        for asked in [qa, *qa["follow_ups"]]:  # the follow-ups are about the same picture
+            assert asked["answer"] == oracle(scene, asked["question"]), asked
         image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
         assert image.shape == (84, 84, 3)
         background = image[0, 0]
@@ -519,6 +520,33 @@ def test_image_samples_show_their_caption_and_answer_right():
             asked = resolve(scene, ref)
             assert (pixels == RGB[asked.colour]).all(-1).sum() > 20
     assert set(types) == set(QUESTION_TYPES) and min(types.values()) > 60  # 100 each if uniform
+
+
+def test_type_weights_shift_the_question_mix(capsys, tmp_path):
+    rng = random.Random(4)
+    samples = [json.loads(image_sample(rng, size=30, type_weights={"shape": 3, "count": 0})["json"])
+               for _ in range(900)]
+    first = Counter(qa["type"] for qa in samples)
+    assert "count" not in first and not any(f["type"] == "count" for qa in samples for f in qa["follow_ups"])
+    assert 0.30 < first["shape"] / 900 < 0.45, first  # 3/8 of first questions
+    assert all(0.08 < first[t] / 900 < 0.18 for t in QUESTION_TYPES if t not in ("shape", "count")), first  # 1/8
+    for weights, message in (({"shapes": 2}, r"unknown question type\(s\) \['shapes'\]"),
+                             ({"shape": -1}, "finite numbers >= 0"), ({"shape": float("nan")}, "finite numbers"),
+                             (dict.fromkeys(QUESTION_TYPES, 0), "not all 0")):
+        with pytest.raises(InputError, match=message):
+            synth_image(tmp_path / "bad", 2, type_weights=weights)
+    assert not (tmp_path / "bad").exists()  # said before any work
+    assert main(["data", "synth", "--kind", "image", "--out", str(tmp_path / "w"), "--n", "3", "--size", "30",
+                 "--type-weights", "relative position=2, shape=0.5", "--questions", "2"]) == 0
+    with tarfile.open(tmp_path / "w" / "image-000000.tar") as tar:
+        assert all(len(json.loads(tar.extractfile(f"00000000{i}.json").read())["follow_ups"]) <= 1 for i in range(3))
+    capsys.readouterr()
+    assert main(["data", "synth", "--kind", "image", "--out", str(tmp_path / "x"), "--n", "3",
+                 "--type-weights", "shape=2,colour"]) == 2
+    assert "each item must be TYPE=NUMBER" in capsys.readouterr().err
+    assert main(["data", "synth", "--kind", "text", "--out", str(tmp_path / "y"), "--n", "3",
+                 "--type-weights", "shape=2"]) == 2
+    assert "--type-weights applies to --kind image only" in capsys.readouterr().err
 
 
 def test_text_chats_are_answered_by_their_description():

@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
 
 from mm_llama.data.pack import write_shards
@@ -26,8 +27,9 @@ from mm_llama.data.world_draw import DEFAULT_SIZE, MIN_SIZE, draw_scene
 from mm_llama.data.world_language import QUESTION_TYPES, caption, image_question
 from mm_llama.data.world_tokenizer import write_world_tokenizer
 from mm_llama.errors import InputError
+from mm_llama.values import is_finite_number
 
-__all__ = ["QUESTIONS_PER_IMAGE", "image_sample", "synth_image"]
+__all__ = ["QUESTIONS_PER_IMAGE", "image_sample", "synth_image", "type_weights_list"]
 
 # Questions per picture. With one, a batch of 64 held about 2 of the "which shape is at <place>" questions that the
 # adapter must learn to look up by place, and it never did (issue 10); four per picture cost little (the ViT runs
@@ -35,8 +37,23 @@ __all__ = ["QUESTIONS_PER_IMAGE", "image_sample", "synth_image"]
 QUESTIONS_PER_IMAGE = 4
 
 
+def type_weights_list(weights: Mapping[str, float] | None) -> list[float]:
+    """Per QUESTION_TYPES, the relative weight of drawing it: `weights[type]`, 1 for a type not named (None: all 1).
+    `InputError` for an unknown type or a weight that is not a finite number >= 0, or when all are 0."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(QUESTION_TYPES))
+    if unknown:
+        raise InputError(f"unknown question type(s) {unknown} in the type weights; accepted: "
+                         f"{', '.join(QUESTION_TYPES)}")
+    out = [weights.get(t, 1.0) for t in QUESTION_TYPES]
+    if not all(is_finite_number(w) and w >= 0 for w in out) or not any(out):
+        raise InputError(f"type weights must be finite numbers >= 0, not all 0; got {weights}")
+    return [float(w) for w in out]
+
+
 def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_SIZE,
-                 questions: int = QUESTIONS_PER_IMAGE) -> dict[str, bytes]:
+                 questions: int = QUESTIONS_PER_IMAGE, type_weights: Mapping[str, float] | None = None
+                 ) -> dict[str, bytes]:
     """One sample {"png", "txt", "json"} of a random scene of `split`; the same `rng` state gives the same bytes.
 
     Args:
@@ -44,14 +61,17 @@ def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_S
         split: "train" or "heldout": the scene, the caption and the questions all belong to it.
         size: the image side in pixels (>= 30).
         questions: questions about the picture (>= 1): the first, then `questions - 1` follow-ups, each of a
-            uniformly drawn type; a follow-up that repeats an earlier question, or whose type the scene does not
-            allow, is left out.
+            type drawn by `type_weights`; a follow-up that repeats an earlier question, or whose type the scene does
+            not allow, is left out.
+        type_weights: relative weights of the question types (see `type_weights_list`); None: uniform.
     Returns:
         the members: PNG bytes, the caption, and JSON {"question", "answer", "type", "follow_ups": [{"question",
         "answer", "type"}, ...]} (types in QUESTION_TYPES), ASCII.
     """
     check_split(split)
-    qtype = rng.choice(QUESTION_TYPES)  # first, so that each type is 1/7 of the samples whatever scenes allow
+    weights = type_weights_list(type_weights)
+    # The type first, so that each type's share is its weight's whatever scenes allow (1/7 each when uniform).
+    qtype = rng.choices(QUESTION_TYPES, weights)[0]
     while True:
         scene = random_scene(rng, split)
         try:
@@ -65,7 +85,7 @@ def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_S
     asked, follow_ups = {qa.question}, []
     for _ in range(questions - 1):
         try:
-            more = image_question(scene, rng, split, rng.choice(QUESTION_TYPES))
+            more = image_question(scene, rng, split, rng.choices(QUESTION_TYPES, weights)[0])
         except InputError:  # a type this scene has none of in this split (a relation needs two shapes)
             continue
         if more.question not in asked:
@@ -76,7 +96,8 @@ def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_S
 
 
 def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size: int = DEFAULT_SIZE,
-                questions: int = QUESTIONS_PER_IMAGE, shard_size: int = 1000, workers: int | None = None) -> list[Path]:
+                questions: int = QUESTIONS_PER_IMAGE, type_weights: Mapping[str, float] | None = None,
+                shard_size: int = 1000, workers: int | None = None) -> list[Path]:
     """Write `n` shapes-world images with captions and Q/A as webdataset shards, plus the world's tokenizer.
 
     Args:
@@ -87,6 +108,8 @@ def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size:
         split: "train" or "heldout" (see `mm_llama.data.world`): the two never share a scene, caption or question.
         size: image side in pixels, >= 30 (84: cells of 28 px, 2 x 2 patches of 14 px).
         questions: questions per picture, >= 1 (see `image_sample`).
+        type_weights: relative weights of the question types, e.g. {"shape": 2} (see `type_weights_list`); None:
+            uniform.
         shard_size: samples per shard.
         workers: processes drawing the samples (None: the usable cores, at most 16; see `synth_parallel`).
     Returns:
@@ -96,7 +119,8 @@ def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size:
     for name, value, low in (("n", n, 1), ("size", size, MIN_SIZE), ("questions", questions, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    sample = functools.partial(image_sample, split=split, size=size, questions=questions)
+    type_weights_list(type_weights)  # said before any work
+    sample = functools.partial(image_sample, split=split, size=size, questions=questions, type_weights=type_weights)
     samples = parallel_samples(sample, n, seed=seed, workers=workers)
     paths = write_shards(Path(out), "image", samples, shard_size=shard_size, total=n, desc="synth image")
     write_world_tokenizer(Path(out) / "tokenizer.model")
