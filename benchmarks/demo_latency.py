@@ -1,7 +1,7 @@
 """Latency of the embedded demo model on the CPU, as a demo user meets it (issue 10's budget on 2 cores: an image
 question's first token within 300 ms, the whole short answer within 1 s).
 
-    python benchmarks/demo_latency.py [--threads 2] [--n 40] [--dtype fp32|bf16]
+    python benchmarks/demo_latency.py [--threads 2] [--n 40] [--dtype fp32|bf16] [--checkpoint DIR]
 
 Held-out shapes-world image questions through `Assistant.ask_stream`, greedy, after three warm-up questions; the
 first token's time includes everything the page waits for (image preprocessing, the ViT, prefill, the first decode
@@ -41,10 +41,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--checkpoint", default="demo", help="the shipped model (default) or another to compare")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    assistant = Assistant.from_pretrained("demo", dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    assistant = Assistant.from_pretrained(args.checkpoint, dtype=dtype)
     print(f"load: {time.perf_counter() - start:.2f} s ({args.threads} threads, {args.dtype})")
     items = questions(args.n + 3)
     first, whole, lengths = [], [], []
