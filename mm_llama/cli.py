@@ -104,14 +104,12 @@ def _type_weights(text: str | None) -> dict[str, float] | None:
         return None
     weights = {}
     for item in text.split(","):
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")
         try:
-            weights[name.strip()] = float(value)
+            weights[name.strip()] = float(value)  # an item with no "=" has the value "", which is no number either
         except ValueError:
-            sep = ""
-        if not sep:
             raise InputError(f"--type-weights {text!r}: each item must be TYPE=NUMBER, e.g. 'shape=2,relative "
-                             f"position=2'; got {item!r}")
+                             f"position=2'; got {item!r}") from None
     return weights
 
 

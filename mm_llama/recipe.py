@@ -82,11 +82,11 @@ IMAGE_TYPE_WEIGHTS = {"colour": 2.0, "shape": 2.0, "relative position": 2.0}
 
 def _synth(kind: str, n: int, seed: int) -> Callable[[Path], str]:
     def step(out: Path) -> str:
-        from mm_llama.data.synth_image import QUESTIONS_PER_IMAGE
-
         folder = out / "data" / kind
         what = {"kind": kind, "n": n, "seed": seed}
         if kind == "image":  # a folder written with other settings is written again
+            from mm_llama.data.synth_image import QUESTIONS_PER_IMAGE
+
             what |= {"questions": QUESTIONS_PER_IMAGE, "type_weights": IMAGE_TYPE_WEIGHTS}
         if _done(folder, what):
             return f"{folder} is complete"

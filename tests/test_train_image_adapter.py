@@ -137,6 +137,28 @@ def test_a_bad_question_record_is_a_bad_sample_naming_its_fault(shapes, record, 
     assert one.turns == (("Q?", "A."),)  # follow_ups are optional: a single question is one turn
 
 
+def test_a_chat_row_is_the_chat_format_of_its_turns(shapes):
+    from encoders.image_transform import ImageTransform, ImageTransformConfig
+    from mm_llama.data.image import _Decode, _Prepare
+
+    tok = Tokenizer.from_file(shapes / "tokenizer.model")
+    with tarfile.open(shapes / "image-000000.tar") as tar:
+        png = tar.extractfile("000000000.png").read()
+    record = {"question": " What shape is at the top? ", "answer": "It is a star.",
+              "follow_ups": [{"question": "Is it big?", "answer": "No."}, {"question": "And?", "answer": "Red."}]}
+    chat = _Decode("qa", seed=0)({"__key__": "k", "png": png, "json": json.dumps(record).encode()})
+    prepare = _Prepare(tok, ImageTransform(ImageTransformConfig(tile_size=28, max_tiles=4)), seq_len=512)
+    row = prepare(chat)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is at the top?"}]},
+                {"role": "assistant", "content": "It is a star."}, {"role": "user", "content": "Is it big?"},
+                {"role": "assistant", "content": "No."}, {"role": "user", "content": "And?"},
+                {"role": "assistant", "content": "Red."}]
+    assert row.tokens == tok.encode_dialog(messages, add_generation_prompt=False)
+    assert tok.decode([t for t in row.labels if t != -100]) == "It is a star.<|eot_id|>No.<|eot_id|>Red.<|eot_id|>"
+    cut = _Prepare(tok, prepare.transform, seq_len=30)(chat)
+    assert cut.tokens == row.tokens[:30] and cut.labels == row.labels[:30]
+
+
 def test_batches_are_deterministic_and_resume(shapes):
     source = ImageTextBatches(data_config(shapes))
     stream = source.batches()

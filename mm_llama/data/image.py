@@ -11,9 +11,9 @@ sample's follow-up questions, each a turn of its own,
 (a caption sample asks "Describe the image." and answers with the caption), and the loss reads only the answers and
 their `<|eot_id|>`: `labels` is -100 everywhere else, the `<|image|>` token included (the output head has no row for
 it). The `json` member is {"question", "answer"} and may add "follow_ups": [{"question", "answer"}, ...], more
-questions about the same image (LLaVA's multi-turn conversations do the same). Why (issue 10): one question per image
-gave the adapter about 2 of the hard "which shape is at <place>" questions per batch of 64, and it never learnt them
-(38 % on trained wordings); a stream dense in them learnt them in 300 steps.
+questions about the same image (LLaVA's multi-turn conversations do the same). Why (issue 10): with one question per
+image, a batch of 64 held about 2 of the hard "which shape is at <place>" questions; four per image (synth's default)
+took the demo's held-out image QA from 85 % to 90 % (shape questions 44 % -> 76 %) at the same steps.
 
 Batch legend: B = batch_size rows, L = the longest row of the batch (≤ seq_len), T = max_tiles, S = tile_size.
 """
@@ -172,20 +172,18 @@ class _Prepare:
         self.tokenizer, self.transform, self.seq_len = tokenizer, transform, seq_len
 
     def __call__(self, chat: _Chat) -> _Row:
-        messages: list[dict] = []
-        tokens: list[int] = []
-        labels: list[int] = []
+        # Built message by message, as `Tokenizer.encode_dialog(messages, add_generation_prompt=False)` would encode
+        # the whole chat, without encoding it again for each turn.
+        tok = self.tokenizer
+        header = len(tok.encode_header("assistant"))
+        tokens, labels = [tok.bos_id], [IGNORE]
         for n, (question, answer) in enumerate(chat.turns):
-            # The image first in the first user turn, then the question (stripped, as a message's string form is).
-            text = [{"type": "text", "text": question.strip()}]
-            messages.append({"role": "user", "content": [{"type": "image"}, *text] if n == 0 else text})
-            prompt = self.tokenizer.encode_dialog(messages, add_generation_prompt=True)
-            messages.append({"role": "assistant", "content": answer})
-            before, tokens = tokens, self.tokenizer.encode_dialog(messages, add_generation_prompt=False)
-            # The chat format encodes each piece separately: each prompt extends the dialog so far, and the dialog
-            # with its answer extends the prompt, so the labels so far stay aligned.
-            assert prompt[: len(before)] == before and tokens[: len(prompt)] == prompt
-            labels += [IGNORE] * (len(prompt) - len(labels)) + tokens[len(prompt) :]
+            # The image opens the first user turn; the question is stripped, as a message's string form is.
+            text = {"type": "text", "text": question.strip()}
+            user = tok.encode_message("user", [{"type": "image"}, text] if n == 0 else [text])
+            reply = tok.encode_message("assistant", answer)  # header, answer, <|eot_id|>
+            tokens += user + reply
+            labels += [IGNORE] * (len(user) + header) + reply[header:]
             if len(tokens) >= self.seq_len:  # later turns would be cut off anyway
                 break
         return _Row(self.transform(_open(chat.image)), tokens[: self.seq_len], labels[: self.seq_len])
