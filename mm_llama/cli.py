@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "same command again after an interruption)")
     recipe.add_argument("recipe", choices=["demo"], help="demo: the embedded shapes-world model (lm -> image-adapter)")
     recipe.add_argument("--out", required=True, help="run folder: data, each stage's checkpoints, model/, eval.json")
-    recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (10 minutes "
+    recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (16 minutes "
                         "on one H200); tiny: every step with a handful of training steps (a CPU minute)")
     recipe.add_argument("--no-eval", action="store_true", help="skip the final mm-llama eval --suite shapes")
     recipe.set_defaults(func=cmd_recipe)

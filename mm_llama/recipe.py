@@ -45,7 +45,7 @@ class Size:
 
 
 SIZES = {
-    # The shipped model: 10 minutes on one H200, measured (README and issue 10's note have each step's time).
+    # The shipped model: 16 minutes on one H200, measured (README and issue 10's note have each step's time).
     "full": Size(n_text=100_000, n_image=60_000, eval_per_type=50),
     # CI on 2 CPU cores: every step of the full recipe on the real configs, with a handful of steps.
     "tiny": Size(n_text=400, n_image=300, eval_per_type=1, overrides={
