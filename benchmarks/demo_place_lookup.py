@@ -73,10 +73,10 @@ def main() -> None:
                 # Token 0 of a tile is its class token; patch (r, c) is token 1 + r * side + c.
                 cell = [1 + r * side + c for r in range(side) for c in range(side)
                         if (r * GRID // side, c * GRID // side) == (shape.row, shape.col)]
-                prompt, images = assistant._prompt(question.format(place=shape.place), image, None, None)
+                prompt, images, _ = assistant._prompt(question.format(place=shape.place), image, None, None)
                 tokens = torch.tensor([prompt + tok.encode(prefix, bos=False, eos=False)])
                 with torch.no_grad(), forced(assistant, blocks, cell):
-                    logits = model(tokens, assistant._image_media([images], 1))[0, -1]
+                    logits = model(tokens, assistant._media([images], [[]], 1))[0, -1]
                 right += max(ids, key=lambda w: logits[ids[w]].item()) == getattr(shape, attribute)
             scores.append(f"{attribute} {100 * right / len(items):.0f} %")
         print(f"forced blocks {sorted(blocks) or 'none'}: " + ", ".join(scores), flush=True)

@@ -74,8 +74,9 @@ class Assistant:
                              "use mm_llama.api.Assistant(model, Tokenizer.from_file(...))")
         return cls(model, _checkpoint_tokenizer(model.source))
 
-    def _prompt(self, question: str, image, images: Sequence | None, system: str | None) -> tuple[list[int], list]:
-        """The checked request as chat-format prompt ids and its list of images."""
+    def _prompt(self, question: str, image, images: Sequence | None, system: str | None, video=None
+                ) -> tuple[list[int], list, list]:
+        """The checked request as chat-format prompt ids, its list of images and its list of videos (0 or 1)."""
         if not isinstance(question, str):
             raise InputError(f"question must be a str, got {type(question).__name__}")
         if image is not None and images is not None:
@@ -86,56 +87,75 @@ class Assistant:
         if system is not None and not isinstance(system, str):
             raise InputError(f"system must be a str or None, got {type(system).__name__}")
         images = [image] if image is not None else list(images or [])
+        videos = [] if video is None else [video]
+        if images and self.model.config.vision is None:
+            raise InputError("this model has no image encoder: it answers text only; ask without an image")
+        if videos and self.model.config.video_adapter is None:
+            raise InputError("this model has no video adapter: it answers about "
+                             f"{'images and text' if self.model.config.vision is not None else 'text'} only; ask "
+                             "without a video")
         content: str | list[dict] = question
-        if images:
-            if self.model.config.vision is None:
-                raise InputError("this model has no image encoder: it answers text only; ask without an image")
-            content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question.strip()}]
+        if images or videos:  # the media open the user turn, pictures first, as the training chats do
+            content = ([{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
+                       + [{"type": "text", "text": question.strip()}])
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": content})
-        return self.tokenizer.encode_dialog(messages), images
+        return self.tokenizer.encode_dialog(messages), images, videos
 
-    def _image_media(self, rows: list[list], max_images: int) -> Media:
-        """Each question's images (a list per question, maybe empty) as the model's media."""
-        vision = self.model.config.vision
-        return Media(images=Images.prepare(rows, tile_size=vision.tile_size, max_tiles=vision.max_tiles,
-                                           max_images=max_images))
+    def _media(self, images: list[list], videos: list[list], max_images: int) -> Media | None:
+        """Each question's images and videos (a list per question, maybe empty) as the model's media; None when
+        there are none."""
+        config = self.model.config
+        media = Media()
+        if any(images):
+            media.images = Images.prepare(images, tile_size=config.vision.tile_size, max_tiles=config.vision.max_tiles,
+                                          max_images=max_images)
+        if any(videos):
+            from encoders.video import Videos
 
-    def ask_stream(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
-                   max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-                   seed: int | None = None) -> Iterator[str]:
+            media.videos = Videos.prepare(videos, tile_size=config.vision.tile_size,
+                                          max_tiles=config.vision.max_tiles,
+                                          n_frames=config.video_adapter.n_frames, max_videos=1)
+        return media if media.images is not None or media.videos is not None else None
+
+    def ask_stream(self, question: str, *, image=None, images: Sequence | None = None, video=None,
+                   system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
         """Stream the answer to `question` as text pieces.
 
         Args:
             question: the user's message (leading and trailing whitespace is dropped).
             image: one image: a path, a PIL image or a uint8 array (H, W, 3); or `images`, a list of them (at most
                 8), placed before the question in the user message, as Llama 3.2 Vision's chat format does.
+            video: a video file's path (a model with a video adapter): its frames, sampled uniformly over the whole
+                clip (`encoders.video`), placed before the question, after any images.
             system: a system prompt.
             max_new_tokens, temperature, top_k, top_p, seed: sampling (`generate.Sampling`); greedy by default.
         """
-        prompt, images = self._prompt(question, image, images, system)
+        prompt, images, videos = self._prompt(question, image, images, system, video)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed)
-        media = self._image_media([images], MAX_IMAGES) if images else None
+        media = self._media([images], [videos], MAX_IMAGES)
         return self.generator.stream_text(self.tokenizer, prompt, sampling, media=media)
 
-    def ask(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
+    def ask(self, question: str, *, image=None, images: Sequence | None = None, video=None, system: str | None = None,
             max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
             seed: int | None = None) -> str:
         """The whole answer of `ask_stream` as one string."""
-        return "".join(self.ask_stream(question, image=image, images=images, system=system,
+        return "".join(self.ask_stream(question, image=image, images=images, video=video, system=system,
                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed))
 
-    def ask_batch(self, questions: Sequence[str], *, images: Sequence | None = None, system: str | None = None,
-                  max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-                  seed: int | None = None) -> list[str]:
+    def ask_batch(self, questions: Sequence[str], *, images: Sequence | None = None, videos: Sequence | None = None,
+                  system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float = 1.0, seed: int | None = None) -> list[str]:
         """Answer several questions in one batch: what `ask` answers for each, greedy, in a fraction of the time
         (`mm-llama eval` asks this way).
 
         Args:
             questions: the user messages.
-            images: None, or one entry per question: an image (as `ask`'s `image`) or None for a text question.
+            images: None, or one entry per question: an image (as `ask`'s `image`) or None.
+            videos: None, or one entry per question: a video path (as `ask`'s `video`) or None.
             system, max_new_tokens, temperature, top_k, top_p, seed: as `ask`, for every question.
         Returns:
             the answers, in the order of `questions`.
@@ -143,15 +163,18 @@ class Assistant:
         if not isinstance(questions, list | tuple) or not questions:
             raise InputError(f"questions must be a non-empty list of str, got {questions!r:.80}")
         images = [None] * len(questions) if images is None else images
-        if not isinstance(images, list | tuple) or len(images) != len(questions):
-            raise InputError(f"images must be a list with one entry (an image or None) per question: "
-                             f"{len(questions)} question(s), got {images!r:.80}")
-        requests = [self._prompt(q, image, None, system) for q, image in zip(questions, images, strict=True)]
-        media = self._image_media([row for _, row in requests], 1) if any(row for _, row in requests) else None
+        videos = [None] * len(questions) if videos is None else videos
+        for name, given in (("images", images), ("videos", videos)):
+            if not isinstance(given, list | tuple) or len(given) != len(questions):
+                raise InputError(f"{name} must be a list with one entry (one {name[:-1]} or None) per question: "
+                                 f"{len(questions)} question(s), got {given!r:.80}")
+        requests = [self._prompt(q, image, None, system, video)
+                    for q, image, video in zip(questions, images, videos, strict=True)]
+        media = self._media([request[1] for request in requests], [request[2] for request in requests], 1)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed)
-        answers = self.generator.generate([prompt for prompt, _ in requests], sampling, self.tokenizer.stop_tokens,
-                                          media)
+        answers = self.generator.generate([request[0] for request in requests], sampling,
+                                          self.tokenizer.stop_tokens, media)
         return [self.tokenizer.decode(ids) for ids in answers]
 
 

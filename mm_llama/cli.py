@@ -4,7 +4,7 @@
     mm-llama convert --input DIR --output DIR [--to meta|hf|ours] [--shards N]
     mm-llama export --checkpoint DIR --out DIR [--trunk DIR]   # self-contained copy of an adapter checkpoint
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
-    mm-llama data synth --kind text|image --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
+    mm-llama data synth --kind text|image|video --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
                         [--questions Q] [--type-weights TYPE=W,...]
     mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
     mm-llama eval [--checkpoint DIR] --suite shapes [--n-per-type N] [--seed S] [--task NAME ...] [--json FILE]
@@ -39,7 +39,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     # One path for every checkpoint kind (Meta, HF or mm-llama; a trunk or a model with parts).
     assistant = Assistant.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, hf_compat=args.hf_compat,
                                           dtype=dtype, device=device, compile=args.compile)
-    for piece in assistant.ask_stream(args.question, images=args.image or None, system=args.system,
+    for piece in assistant.ask_stream(args.question, images=args.image or None, video=args.video, system=args.system,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         sys.stdout.write(piece)
@@ -76,13 +76,21 @@ def cmd_data(args: argparse.Namespace) -> None:
             from mm_llama.data.synth_text import synth_text
 
             if args.size is not None:
-                raise InputError(f"--size {args.size} applies to --kind image only (text has no pixels)")
+                raise InputError(f"--size {args.size} applies to --kind image or video (text has no pixels)")
             if args.type_weights is not None:
-                raise InputError("--type-weights applies to --kind image only")
+                raise InputError("--type-weights applies to --kind image or video")
             if args.questions is not None:
-                raise InputError(f"--questions {args.questions} applies to --kind image only (a text sample's "
-                                 "questions follow its own kind)")
+                raise InputError(f"--questions {args.questions} applies to --kind image or video (a text "
+                                 "sample's questions follow its own kind)")
             shards = synth_text(Path(args.out), args.n, **common)
+        elif args.kind == "video":
+            from mm_llama.data.synth_video import QUESTIONS_PER_CLIP, synth_video
+            from mm_llama.data.world_draw import DEFAULT_SIZE
+
+            size = DEFAULT_SIZE if args.size is None else args.size
+            questions = QUESTIONS_PER_CLIP if args.questions is None else args.questions
+            shards = synth_video(Path(args.out), args.n, size=size, questions=questions,
+                                 type_weights=_type_weights(args.type_weights), **common)
         else:  # "image": the parser accepts only the kinds that exist
             from mm_llama.data.synth_image import QUESTIONS_PER_IMAGE, synth_image
             from mm_llama.data.world_draw import DEFAULT_SIZE
@@ -190,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights' precision; auto: bf16 on a GPU, fp32 on the CPU")
     ask.add_argument("--compile", action="store_true", help="compile the decode step and encoders (CUDA only)")
     ask.add_argument("--image", action="append", help="an image to ask about (repeat for several)")
+    ask.add_argument("--video", help="a video file to ask about (a model with a video adapter): frames sampled "
+                     "uniformly over the whole clip")
     ask.add_argument("--hf-compat", action="store_true",
                      help="Llama 3.2 Vision: reproduce transformers' semantics instead of Meta's")
     ask.set_defaults(func=cmd_ask)
@@ -221,17 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="write webdataset shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="generate shapes-world shards")
-    synth.add_argument("--kind", required=True, choices=["text", "image"], help="what to generate")
+    synth.add_argument("--kind", required=True, choices=["text", "image", "video"], help="what to generate")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--n", type=int, required=True, help="number of samples")
     synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same shards")
     synth.add_argument("--split", default="train", choices=["train", "heldout"], help="which scenes and sentences: "
                        "the two splits share none (evaluate on heldout)")
-    synth.add_argument("--size", type=int, help="image side in pixels, >= 30 (image only; default 84: cells of 28 px)")
-    synth.add_argument("--questions", type=int, help="questions per picture, >= 1 (image only; default 4: the first "
-                       "and 3 follow-ups, trained as one chat)")
-    synth.add_argument("--type-weights", help="image only: relative weights of question types, e.g. "
-                       "'shape=2,relative position=2' (unnamed types weigh 1; default: all 1)")
+    synth.add_argument("--size", type=int, help="image or video side in pixels, >= 30, even for video (image and "
+                       "video only; default 84: cells of 28 px)")
+    synth.add_argument("--questions", type=int, help="questions per picture or clip, >= 1 (image and video only; "
+                       "default 4: the first and 3 follow-ups, trained as one chat)")
+    synth.add_argument("--type-weights", help="image and video only: relative weights of question types, e.g. "
+                       "'shape=2,relative position=2' (unnamed types weigh 1; for video the event types 'motion', "
+                       "'colour change', 'appearance', 'disappearance' weigh 1.75 unless named)")
     synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     synth.add_argument("--workers", type=int, default=None,
                        help="processes drawing samples (default: the usable cores, at most 16); the data do not "

@@ -28,6 +28,7 @@ from torch import nn
 from adapters.cross_attention import CrossAttentionConfig, CrossAttentionInputs, GatedCrossAttention
 from adapters.image import VisionProjection, encode_images, image_inputs
 from adapters.media_tokens import N_MEDIA_ROWS, MediaTokenEmbedding
+from adapters.video import VideoAdapter, VideoAdapterConfig, encode_videos, video_inputs
 from encoders.vision import VisionConfig, VisionEncoder
 from mm_llama.api import Assistant
 from mm_llama.errors import ConfigError, InputError
@@ -38,7 +39,7 @@ from mm_llama.media import Media, MediaState, Splice
 # weights are the same either way, so mm-llama's checkpoint format never stores them.
 SEMANTICS_FIELDS = {"vision": ("intermediate_mode", "hf_padding_images"), "image_adapter": ("mask_attention_rows",)}
 # Fields that only set freshly initialised weights; a checkpoint's weights replace them, so it never stores them either.
-INIT_ONLY_FIELDS = {"image_adapter": ("gate_init",)}
+INIT_ONLY_FIELDS = {"image_adapter": ("gate_init",), "video_adapter": ("gate_init",)}
 
 
 def stored_part_config(name: str, config) -> dict:
@@ -55,17 +56,22 @@ class MMConfig:
     """The composed model: the trunk and each optional part.
 
     A part's field name is also the name of its module in `MMLlama` and of its entry in mm-llama's checkpoint
-    format. The image encoder (`vision`) and the image adapter (`image_adapter`) come together.
+    format. The image encoder (`vision`) and the image adapter (`image_adapter`) come together; the video adapter
+    (`video_adapter`) builds on both: its frames go through the image encoder, its blocks sit before image blocks.
     """
 
     trunk: LlamaConfig
     vision: VisionConfig | None = None
     image_adapter: CrossAttentionConfig | None = None
+    video_adapter: VideoAdapterConfig | None = None
 
     def __post_init__(self) -> None:
         if (self.vision is None) != (self.image_adapter is None):
             raise ConfigError("MMConfig: 'vision' (the image encoder) and 'image_adapter' (its cross-attention "
                               "adapter) come together; give both or neither")
+        if self.video_adapter is not None and self.image_adapter is None:
+            raise ConfigError("MMConfig: 'video_adapter' needs 'vision' and 'image_adapter' (its frames go through "
+                              "the image encoder and its blocks are placed before image cross-attention blocks)")
 
     @property
     def has_media(self) -> bool:
@@ -122,14 +128,18 @@ class MMLlama(nn.Module):
         t = config.trunk
         self.trunk = trunk if trunk is not None else Llama(t)
         self.media = MediaTokenEmbedding(t.dim, t.vocab_size) if config.has_media else None
-        self.vision = self.vision_projection = self.image_adapter = None
+        self.vision = self.vision_projection = self.image_adapter = self.video_adapter = None
         if config.vision is not None:
             self.vision = VisionEncoder(config.vision)
             # Multi-layer ViT features (7680-d for ViT-H) -> the trunk's width, with a bias (Llama 3.2's projection;
             # plus patch positions with VisionConfig.patch_position_features).
             self.vision_projection = VisionProjection(config.vision, t.dim)
             self.image_adapter = GatedCrossAttention(t, config.image_adapter)
+        if config.video_adapter is not None:
+            self.video_adapter = VideoAdapter(t, config.video_adapter, self.image_adapter.schedule,
+                                              config.vision.max_tiles * config.vision.tokens_per_tile)
         self.image_id = t.vocab_size  # <|image|>: the first media row (128256 for Llama 3)
+        self.video_id = t.vocab_size + 1  # <|video|>: the second (the tokenizer's order, `MEDIA_TOKENS`)
         self.source: Path | None = None  # the directory `from_pretrained` read (where `ask` finds tokenizer.model)
 
     @classmethod
@@ -149,21 +159,21 @@ class MMLlama(nn.Module):
 
     # --- Conveniences over `mm_llama.api.Assistant` (a new one per call, with the checkpoint's tokenizer) ---------
 
-    def ask(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
-            max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-            seed: int | None = None) -> str:
-        """The answer to `question`, about `image` or `images` if given; greedy by default. The tokenizer is the
-        checkpoint directory's; for a tokenizer of your own, compiled decoding or many questions, use
+    def ask(self, question: str, *, image=None, images: Sequence | None = None, video=None,
+            system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+            top_p: float = 1.0, seed: int | None = None) -> str:
+        """The answer to `question`, about `image` or `images` and `video` if given; greedy by default. The tokenizer
+        is the checkpoint directory's; for a tokenizer of your own, compiled decoding or many questions, use
         `mm_llama.api.Assistant`, whose `ask_stream` documents the arguments."""
-        return "".join(self.ask_stream(question, image=image, images=images, system=system,
+        return "".join(self.ask_stream(question, image=image, images=images, video=video, system=system,
                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed))
 
-    def ask_stream(self, question: str, *, image=None, images: Sequence | None = None, system: str | None = None,
-                   max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-                   seed: int | None = None) -> Iterator[str]:
+    def ask_stream(self, question: str, *, image=None, images: Sequence | None = None, video=None,
+                   system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
         """`ask`, streamed as text pieces."""
-        return Assistant.for_model(self).ask_stream(question, image=image, images=images, system=system,
+        return Assistant.for_model(self).ask_stream(question, image=image, images=images, video=video, system=system,
                                                     max_new_tokens=max_new_tokens, temperature=temperature,
                                                     top_k=top_k, top_p=top_p, seed=seed)
 
@@ -184,8 +194,10 @@ class MMLlama(nn.Module):
         return {"vision": self.vision} if self.vision is not None else {}
 
     def _cross_adapters(self) -> list[tuple[str, GatedCrossAttention]]:
-        """The gated cross-attention adapters in the order their blocks run before the same trunk layer."""
-        return [("image_adapter", self.image_adapter)] if self.image_adapter is not None else []
+        """The gated cross-attention adapters in the order their blocks run before the same trunk layer: a video
+        block before the image block it is placed with (paper §7.2)."""
+        return [(name, adapter) for name, adapter in (("video_adapter", self.video_adapter),
+                                                      ("image_adapter", self.image_adapter)) if adapter is not None]
 
     def prepare(self, tokens: torch.Tensor | Sequence[Sequence[int]], media: Media | None, *,
                 left_pad: Sequence[int] | None = None, for_decoding: bool = False,
@@ -214,6 +226,16 @@ class MMLlama(nn.Module):
                                       hf_padding_images=self.config.vision.hf_padding_images)
             state.cross["image_adapter"] = image_inputs(rows, media.images, projected, image_id=self.image_id,
                                                         adapter=self.image_adapter if for_decoding else None)
+        if media.videos is not None and any(media.videos.n_videos):  # a batch with no clip skips the video blocks
+            if self.video_adapter is None:
+                raise InputError("this model has no video adapter: it answers about images and text only"
+                                 if self.vision is not None else "this model has no video adapter: it answers text "
+                                 "only")
+            effective = encode_videos(media.videos, encoders["vision"], self.vision_projection,
+                                      self.video_adapter.aggregator)
+            state.cross["video_adapter"] = video_inputs(
+                rows, media.videos, effective, self.config.video_adapter.n_effective_frames, video_id=self.video_id,
+                adapter=self.video_adapter if for_decoding else None)
         if media.embeddings is not None:
             state.splice = Splice.resolve(media.embeddings, len(rows), len(rows[0]), self.config.trunk.dim, left_pad)
         return state

@@ -123,6 +123,9 @@ def write_composed(state: dict[str, torch.Tensor], config: MMConfig, out: Path, 
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; accepted: {', '.join(map(repr, FORMATS))}")
     if fmt != "meta" and n_shards != 1:
         raise CheckpointError(f"n_shards={n_shards}: model-parallel shards exist only in Meta's format")
+    if fmt != "ours" and config.video_adapter is not None:
+        raise CheckpointError(f"Meta's and Hugging Face's formats have no video adapter (nobody released one): save "
+                              f"this model with fmt='ours', not {fmt!r}")
     trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
     rest = {k: v for k, v in state.items() if not k.startswith("trunk.")}
     with atomic_directory(Path(out)) as tmp:
