@@ -185,7 +185,7 @@ def test_bad_command_line_values_exit_2(checkpoint, vision_checkpoint, corpus, t
                                                         "directory"),
         (["train", "nonsense"], "unknown training stage 'nonsense'"),
         (["data", "synth", "--kind", "text", "--out", tmp_path / "s", "--n", "0"], "n must be a positive number"),
-        (["data", "synth", "--kind", "video", "--out", tmp_path / "s", "--n", "3"], "invalid choice: 'video'"),
+        (["data", "synth", "--kind", "movie", "--out", tmp_path / "s", "--n", "3"], "invalid choice: 'movie'"),
     ]
     for argv, message in rows:
         code, err = run_cli(argv, capsys)

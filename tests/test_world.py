@@ -546,7 +546,7 @@ def test_type_weights_shift_the_question_mix(capsys, tmp_path):
     assert "each item must be TYPE=NUMBER" in capsys.readouterr().err
     assert main(["data", "synth", "--kind", "text", "--out", str(tmp_path / "y"), "--n", "3",
                  "--type-weights", "shape=2"]) == 2
-    assert "--type-weights applies to --kind image only" in capsys.readouterr().err
+    assert "--type-weights applies to --kind image or video" in capsys.readouterr().err
 
 
 def test_text_chats_are_answered_by_their_description():
@@ -610,7 +610,7 @@ def test_command_line_synth(tmp_path, capsys):
     assert main(["data", "synth", "--kind", "text", "--out", str(tmp_path / "t"), "--n", "5", "--split",
                  "heldout"]) == 0
     assert main(["data", "synth", "--kind", "text", "--out", str(tmp_path / "u"), "--n", "5", "--size", "42"]) == 2
-    assert "--size 42 applies to --kind image only" in capsys.readouterr().err
+    assert "--size 42 applies to --kind image or video" in capsys.readouterr().err
 
 
 # --- the world's tokenizer --------------------------------------------------------------------------------------------

@@ -17,19 +17,23 @@ import functools
 import io
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from mm_llama.data.pack import write_shards
 from mm_llama.data.synth_parallel import parallel_samples
 from mm_llama.data.world import check_split, random_scene
 from mm_llama.data.world_draw import DEFAULT_SIZE, MIN_SIZE, draw_scene
-from mm_llama.data.world_language import QUESTION_TYPES, caption, image_question
+from mm_llama.data.world_language import QA, QUESTION_TYPES, caption, image_question
 from mm_llama.data.world_tokenizer import write_world_tokenizer
 from mm_llama.errors import InputError
 from mm_llama.values import is_finite_number
 
-__all__ = ["QUESTIONS_PER_IMAGE", "image_sample", "synth_image", "type_weights_list"]
+T = TypeVar("T")
+
+__all__ = ["QUESTIONS_PER_IMAGE", "check_sample_args", "first_question", "follow_ups", "image_sample", "synth_image",
+           "type_weights_list"]
 
 # Questions per picture. With one, a batch of 64 held about 2 of the "which shape is at <place>" questions that the
 # adapter must learn to look up by place; four took held-out image QA from 85 % to 90 % (issue 10) and cost little
@@ -37,18 +41,59 @@ __all__ = ["QUESTIONS_PER_IMAGE", "image_sample", "synth_image", "type_weights_l
 QUESTIONS_PER_IMAGE = 4
 
 
-def type_weights_list(weights: Mapping[str, float] | None) -> list[float]:
-    """Per QUESTION_TYPES, the relative weight of drawing it: `weights[type]`, 1 for a type not named (None: all 1).
-    `InputError` for an unknown type or a weight that is not a finite number >= 0, or when all are 0."""
+def type_weights_list(weights: Mapping[str, float] | None, types: Sequence[str] = QUESTION_TYPES,
+                      defaults: Mapping[str, float] | None = None) -> list[float]:
+    """Per question type of `types`, the relative weight of drawing it: `weights[type]`, else `defaults[type]`, else
+    1 (None: all the defaults). `InputError` for an unknown type or a weight that is not a finite number >= 0, or
+    when all are 0."""
     weights = dict(weights or {})
-    unknown = sorted(set(weights) - set(QUESTION_TYPES))
+    unknown = sorted(set(weights) - set(types))
     if unknown:
-        raise InputError(f"unknown question type(s) {unknown} in the type weights; accepted: "
-                         f"{', '.join(QUESTION_TYPES)}")
-    out = [weights.get(t, 1.0) for t in QUESTION_TYPES]
+        raise InputError(f"unknown question type(s) {unknown} in the type weights; accepted: {', '.join(types)}")
+    out = [weights.get(t, (defaults or {}).get(t, 1.0)) for t in types]
     if not all(is_finite_number(w) and w >= 0 for w in out) or not any(out):
         raise InputError(f"type weights must be finite numbers >= 0, not all 0; got {weights}")
     return [float(w) for w in out]
+
+
+def check_sample_args(split: str, n: int, size: int, questions: int) -> None:
+    """`InputError` for a split that is not "train"/"heldout", or a count, pixel size or number of questions out of
+    range: said before any work."""
+    check_split(split)
+    for name, value, low in (("n", n, 1), ("size", size, MIN_SIZE), ("questions", questions, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def first_question(rng: random.Random, types: Sequence[str], weights: Sequence[float],
+                   subject: Callable[[], T], describe: Callable[[T], str], ask: Callable[[T, str], QA]
+                   ) -> tuple[T, str, QA]:
+    """A subject (a scene, a clip), its description and a first question of a type drawn by `weights`. The type is
+    drawn first, so that each type's share is its weight's whatever subjects allow; subjects that have nothing of it
+    (or nothing to say: `InputError` from `describe`/`ask`) are drawn again."""
+    qtype = rng.choices(types, weights)[0]
+    while True:
+        drawn = subject()
+        try:
+            return drawn, describe(drawn), ask(drawn, qtype)
+        except InputError:
+            continue
+
+
+def follow_ups(rng: random.Random, types: Sequence[str], weights: Sequence[float], ask: Callable[[str], QA],
+               first: QA, n: int) -> list[dict]:
+    """Up to `n` more questions about the same subject, types drawn by `weights`: a type the subject has none of
+    (`InputError` from `ask`) or a repeated question is left out. As JSON records {"question", "answer", "type"}."""
+    asked, out = {first.question}, []
+    for _ in range(n):
+        try:
+            more = ask(rng.choices(types, weights)[0])
+        except InputError:
+            continue
+        if more.question not in asked:
+            asked.add(more.question)
+            out.append({"question": more.question, "answer": more.answer, "type": more.qtype})
+    return out
 
 
 def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_SIZE,
@@ -70,28 +115,15 @@ def image_sample(rng: random.Random, split: str = "train", size: int = DEFAULT_S
     """
     check_split(split)
     weights = type_weights_list(type_weights)
-    # The type first, so that each type's share is its weight's whatever scenes allow (1/7 each when uniform).
-    qtype = rng.choices(QUESTION_TYPES, weights)[0]
-    while True:
-        scene = random_scene(rng, split)
-        try:
-            text = caption(scene, rng, split)
-            qa = image_question(scene, rng, split, qtype)
-        except InputError:  # nothing of this split to say about this scene (or no second shape to relate)
-            continue
-        break
+    # Redrawn when there is nothing of this split to say about the scene (or no second shape to relate).
+    scene, text, qa = first_question(rng, QUESTION_TYPES, weights, lambda: random_scene(rng, split),
+                                     lambda scene: caption(scene, rng, split),
+                                     lambda scene, qtype: image_question(scene, rng, split, qtype))
     png = io.BytesIO()
     draw_scene(scene, size, rng).save(png, format="PNG")
-    asked, follow_ups = {qa.question}, []
-    for _ in range(questions - 1):
-        try:
-            more = image_question(scene, rng, split, rng.choices(QUESTION_TYPES, weights)[0])
-        except InputError:  # a type this scene has none of in this split (a relation needs two shapes)
-            continue
-        if more.question not in asked:
-            asked.add(more.question)
-            follow_ups.append({"question": more.question, "answer": more.answer, "type": more.qtype})
-    record = {"question": qa.question, "answer": qa.answer, "type": qa.qtype, "follow_ups": follow_ups}
+    more = follow_ups(rng, QUESTION_TYPES, weights, lambda qtype: image_question(scene, rng, split, qtype), qa,
+                      questions - 1)
+    record = {"question": qa.question, "answer": qa.answer, "type": qa.qtype, "follow_ups": more}
     return {"png": png.getvalue(), "txt": text.encode("ascii"), "json": json.dumps(record).encode("ascii")}
 
 
@@ -115,10 +147,7 @@ def synth_image(out: Path, n: int, *, seed: int = 0, split: str = "train", size:
     Returns:
         the shard paths.
     """
-    check_split(split)
-    for name, value, low in (("n", n, 1), ("size", size, MIN_SIZE), ("questions", questions, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_sample_args(split, n, size, questions)
     type_weights_list(type_weights)  # said before any work
     sample = functools.partial(image_sample, split=split, size=size, questions=questions, type_weights=type_weights)
     samples = parallel_samples(sample, n, seed=seed, workers=workers)

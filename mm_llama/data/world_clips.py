@@ -1,4 +1,5 @@
-"""Clips of the shapes world (text only for now; issue 11 renders them): a start scene and 1-2 events, told and asked.
+"""Clips of the shapes world: a start scene and 1-2 events, told and asked (`world_video` renders them as mp4s,
+`synth_video` writes them as shards).
 
 Events: a shape moves one cell (left, right, up, down), turns another colour, appears in an empty cell, or
 disappears. The events of a clip are of different types and happen to different shapes, so "What appears?" and

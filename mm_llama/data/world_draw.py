@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from mm_llama.data.world import GRID, Scene
 from mm_llama.errors import InputError
 
-__all__ = ["BACKGROUND_RGB", "DEFAULT_SIZE", "MIN_SIZE", "RADIUS", "RGB", "draw_scene"]
+__all__ = ["BACKGROUND_RGB", "DEFAULT_SIZE", "MIN_SIZE", "RADIUS", "RGB", "draw_scene", "draw_shape", "shape_look"]
 
 DEFAULT_SIZE = 84
 MIN_SIZE = 30  # cells of 10 px: below, the pixels of a small shape and a big one start to overlap in count
@@ -37,6 +37,28 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return corners
 
 
+def shape_look(size: str, cell: float, rng: random.Random) -> tuple[float, float, float]:
+    """A shape's radius and the jitter of its centre (dx, dy) in a cell of `cell` pixels, drawn from `rng` (radius,
+    then dx, then dy): inside its cell, a pixel's margin left."""
+    r = min(cell * rng.uniform(*RADIUS[size]), cell / 2 - 1)
+    # PIL fills the end pixel of a box too: 1 px of margin keeps the shape out of the next cell.
+    room = max(0.0, min(_JITTER * cell, cell / 2 - r - 1))
+    return r, rng.uniform(-room, room), rng.uniform(-room, room)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]
+               ) -> None:
+    """One shape of radius `r` centred at (cx, cy)."""
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif kind == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    else:  # "star"
+        draw.polygon(_star(cx, cy, r), fill=fill)
+
+
 def draw_scene(scene: Scene, size_px: int, rng: random.Random) -> Image.Image:
     """Draw a scene.
 
@@ -53,18 +75,7 @@ def draw_scene(scene: Scene, size_px: int, rng: random.Random) -> Image.Image:
     draw = ImageDraw.Draw(image)
     cell = size_px / GRID
     for shape in scene.shapes:
-        r = min(cell * rng.uniform(*RADIUS[shape.size]), cell / 2 - 1)
-        # PIL fills the end pixel of a box too: 1 px of margin keeps the shape out of the next cell.
-        room = max(0.0, min(_JITTER * cell, cell / 2 - r - 1))
-        cx = (shape.col + 0.5) * cell + rng.uniform(-room, room)
-        cy = (shape.row + 0.5) * cell + rng.uniform(-room, room)
-        fill = RGB[shape.colour]
-        if shape.kind == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape.kind == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape.kind == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
-        else:  # "star"
-            draw.polygon(_star(cx, cy, r), fill=fill)
+        r, dx, dy = shape_look(shape.size, cell, rng)
+        draw_shape(draw, shape.kind, (shape.col + 0.5) * cell + dx, (shape.row + 0.5) * cell + dy, r,
+                   RGB[shape.colour])
     return image
