@@ -74,6 +74,13 @@ def read_ours_composed(path: Path) -> tuple[MMConfig, dict[str, torch.Tensor]]:
     return _read_ours(path, None)[:2]
 
 
+def read_ours_with_trunk_dir(path: Path) -> tuple[MMConfig, dict[str, torch.Tensor], Path]:
+    """`read_ours_composed`, and the directory the trunk's weights were read from: the trunk checkpoint `path` refers
+    to, or `path` itself when it stores them (what a later stage refers to as its trunk)."""
+    config, state, trunk_dir = _read_ours(path, None)
+    return config, state, trunk_dir if trunk_dir is not None else path
+
+
 def _read_ours(path: Path, trunk_dir: Path | None) -> tuple[MMConfig, dict[str, torch.Tensor], Path | None]:
     """`read_ours_composed` (with the trunk read from `trunk_dir` when given), and the trunk checkpoint directory it
     read (None when the trunk is stored)."""

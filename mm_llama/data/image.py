@@ -1,19 +1,6 @@
 """Image shards (`png`|`jpg` + `json` question/answer and/or `txt` caption) → batches for `image-adapter`.
 
-Each sample becomes one chat about its image: the image and the first question in the first user turn, then the
-sample's follow-up questions, each a turn of its own,
-
-    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n<|image|>{question}<|eot_id|>
-    <|start_header_id|>assistant<|end_header_id|>\\n\\n{answer}<|eot_id|>
-    <|start_header_id|>user<|end_header_id|>\\n\\n{follow-up question}<|eot_id|>
-    <|start_header_id|>assistant<|end_header_id|>\\n\\n{its answer}<|eot_id|> ...
-
-(a caption sample asks "Describe the image." and answers with the caption), and the loss reads only the answers and
-their `<|eot_id|>`: `labels` is -100 everywhere else, the `<|image|>` token included (the output head has no row for
-it). The `json` member is {"question", "answer"} and may add "follow_ups": [{"question", "answer"}, ...], more
-questions about the same image (LLaVA's multi-turn conversations do the same). Why (issue 10): with one question per
-image, a batch of 64 held about 2 of the hard "which shape is at <place>" questions; four per image (synth's default)
-took the demo's held-out image QA from 85 % to 90 % (shape questions 44 % -> 76 %) at the same steps.
+Each sample becomes one chat about its image, with the loss on the answers only (`mm_llama.data.chat`).
 
 Batch legend: B = batch_size rows, L = the longest row of the batch (≤ seq_len), T = max_tiles, S = tile_size.
 """
@@ -21,25 +8,22 @@ Batch legend: B = batch_size rows, L = the longest row of the batch (≤ seq_len
 from __future__ import annotations
 
 import io
-import json
-import random
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-import torch
 from PIL import Image
 
 from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images, load_image
-from mm_llama.data.pipeline import BadSample, ShardBatches, shard_config_problems
-from mm_llama.errors import ConfigError, InputError
+from mm_llama.data.chat import IGNORE, Chat, ChatDecode, encode_chat, pad_rows
+from mm_llama.data.pipeline import ShardBatches, shard_config_problems
+from mm_llama.errors import ConfigError
 from mm_llama.tokenizer import Tokenizer
 
 __all__ = ["CAPTION_PROMPT", "IGNORE", "ImageDataConfig", "ImageTextBatches"]
 
 CAPTION_PROMPT = "Describe the image."
-IGNORE = -100  # label of positions the loss skips (F.cross_entropy's ignore_index)
 _IMAGE_MEMBERS = ("png", "jpg", "jpeg")
 
 
@@ -84,13 +68,6 @@ class ImageDataConfig:
             raise ConfigError("invalid ImageDataConfig: " + "; ".join(problems))
 
 
-class _Chat(NamedTuple):
-    """A decoded sample: the image file's bytes (checked to decode) and its (question, answer) turns, in order."""
-
-    image: bytes
-    turns: tuple[tuple[str, str], ...]
-
-
 def _open(data: bytes) -> Image.Image:
     """Image bytes → RGB PIL image; `InputError` (or PIL's own errors) when they do not decode."""
     with warnings.catch_warnings():
@@ -98,65 +75,11 @@ def _open(data: bytes) -> Image.Image:
         return load_image(Image.open(io.BytesIO(data)))
 
 
-class _Decode:
-    """sample → `_Chat`, or `BadSample` (a picklable callable for DataLoader workers)."""
+class _Decode(ChatDecode):
+    """sample → `Chat` of its image, or `BadSample`."""
 
     def __init__(self, task: str, seed: int):
-        self.task, self.seed = task, seed
-
-    def __call__(self, sample: dict) -> _Chat:
-        key = sample["__key__"]
-        members = sorted(k for k in sample if not k.startswith("__"))
-        image = next((sample[k] for k in _IMAGE_MEMBERS if k in sample), None)
-        if image is None:
-            raise BadSample(f"sample {key} has no image member ({'/'.join(_IMAGE_MEMBERS)}; it has {members})")
-        try:  # decoded here so that a bad image is counted even when fast-forwarded over
-            _open(image)
-        except (InputError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BadSample(f"sample {key}: the image does not decode ({type(e).__name__}: {e})") from None
-        qa = caption = None
-        if "json" in sample:
-            try:
-                record = json.loads(sample["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise BadSample(f"sample {key}: 'json' is not UTF-8 JSON ({e})") from None
-            qa = _question_turns(record, key)
-        if "txt" in sample:
-            try:
-                caption = sample["txt"].decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BadSample(f"sample {key}: 'txt' is not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not caption.strip():
-                caption = None
-        task = self.task
-        if task == "mixed":  # a fixed choice per sample: the same on every pass and after a resume
-            both = qa is not None and caption is not None
-            task = ("qa" if random.Random(f"{self.seed}/{key}").random() < 0.5 else "caption") if both else (
-                "qa" if qa is not None else "caption")
-        if task == "qa" and qa is None:
-            raise BadSample(f"sample {key} has no 'json' question/answer (it has {members}) for task '{self.task}'")
-        if task == "caption" and caption is None:
-            raise BadSample(f"sample {key} has no 'txt' caption (it has {members}) for task '{self.task}'")
-        return _Chat(image, qa if task == "qa" else ((CAPTION_PROMPT, caption),))
-
-
-def _question_turns(record: object, key: str) -> tuple[tuple[str, str], ...]:
-    """The `json` member's (question, answer) and its follow-ups', checked; `BadSample` naming what is wrong."""
-    if not isinstance(record, dict):
-        raise BadSample(f"sample {key}: 'json' must be an object with 'question' and 'answer', got "
-                        f"{type(record).__name__}")
-    follow_ups = record.get("follow_ups", [])
-    if not isinstance(follow_ups, list):
-        raise BadSample(f"sample {key}: 'follow_ups' must be a list of {{'question', 'answer'}} objects, got "
-                        f"{type(follow_ups).__name__}")
-    turns = []
-    for n, item in enumerate([record, *follow_ups]):
-        q, a = (item.get("question"), item.get("answer")) if isinstance(item, dict) else (None, None)
-        if not (isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip()):
-            where = "'json'" if n == 0 else f"follow_ups[{n - 1}]"
-            raise BadSample(f"sample {key}: {where} must hold non-empty strings 'question' and 'answer'")
-        turns.append((q, a))
-    return tuple(turns)
+        super().__init__(task, seed, kind="image", members=_IMAGE_MEMBERS, check=_open, caption_prompt=CAPTION_PROMPT)
 
 
 class _Row(NamedTuple):
@@ -166,27 +89,14 @@ class _Row(NamedTuple):
 
 
 class _Prepare:
-    """`_Chat` → tiles + chat tokens + labels on the answers only."""
+    """`Chat` → tiles + chat tokens + labels on the answers only."""
 
     def __init__(self, tokenizer: Tokenizer, transform: ImageTransform, seq_len: int):
         self.tokenizer, self.transform, self.seq_len = tokenizer, transform, seq_len
 
-    def __call__(self, chat: _Chat) -> _Row:
-        # Built message by message, as `Tokenizer.encode_dialog(messages, add_generation_prompt=False)` would encode
-        # the whole chat, without encoding it again for each turn.
-        tok = self.tokenizer
-        header = len(tok.encode_header("assistant"))
-        tokens, labels = [tok.bos_id], [IGNORE]
-        for n, (question, answer) in enumerate(chat.turns):
-            # The image opens the first user turn; the question is stripped, as a message's string form is.
-            text = {"type": "text", "text": question.strip()}
-            user = tok.encode_message("user", [{"type": "image"}, text] if n == 0 else [text])
-            reply = tok.encode_message("assistant", answer)  # header, answer, <|eot_id|>
-            tokens += user + reply
-            labels += [IGNORE] * (len(user) + header) + reply[header:]
-            if len(tokens) >= self.seq_len:  # later turns would be cut off anyway
-                break
-        return _Row(self.transform(_open(chat.image)), tokens[: self.seq_len], labels[: self.seq_len])
+    def __call__(self, chat: Chat) -> _Row:
+        tokens, labels = encode_chat(self.tokenizer, chat.turns, "image", self.seq_len)
+        return _Row(self.transform(_open(chat.media)), tokens, labels)
 
 
 class _Collate:
@@ -197,14 +107,7 @@ class _Collate:
 
     def __call__(self, rows: list[_Row]) -> dict:
         images = collate_images([[row.image] for row in rows], max_images=1)
-        lengths = torch.tensor([len(row.tokens) for row in rows])
-        tokens = torch.full((len(rows), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, L)
-        labels = torch.full_like(tokens, IGNORE)  # (B, L)
-        for i, row in enumerate(rows):
-            tokens[i, : len(row.tokens)] = torch.tensor(row.tokens)
-            labels[i, : len(row.labels)] = torch.tensor(row.labels)
-        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]  # (B, L)
-        return {"images": images, "tokens": tokens, "mask": mask, "labels": labels}
+        return {"images": images, **pad_rows([(row.tokens, row.labels) for row in rows], self.pad_id)}
 
 
 class ImageTextBatches:

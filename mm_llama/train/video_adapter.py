@@ -1,0 +1,159 @@
+"""Stage `video-adapter` (paper §7.4-7.5, DESIGN §6): on a trained image model (trunk, ViT, image adapter, all
+frozen), train only the video adapter — the temporal aggregator and the video cross-attention blocks — on clip +
+description/Q&A shards. The loss is next-token cross-entropy on the answer tokens only.
+
+    mm-llama data synth --kind video --out data/demo/video --n 20000
+    mm-llama train video-adapter --config configs/demo/video_adapter.yaml [--train.steps=500 ...] [--resume]
+
+Initialisation: the paper starts video pretraining from the image-annealed weights, the aggregator and the video
+blocks new. With `init_blocks_from_image` (default) each video block starts as a copy of the image block at the same
+trunk layer, its gates at `adapter.gate_init`: it already reads tokens of the image encoder's space, which the
+aggregator's output starts near (its latents attend to frame tokens). Checkpoints are in mm-llama's format, the trunk
+by reference (as the image stage's), every other part stored; `MMLlama.from_pretrained` loads one directly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.video import VideoAdapterConfig
+from mm_llama.checkpoints.composed import read_ours_with_trunk_dir
+from mm_llama.checkpoints.fingerprint import trunk_fingerprint
+from mm_llama.checkpoints.ours import read_ours_parts, split_parts, trunk_reference, write_ours
+from mm_llama.data.chat import IGNORE
+from mm_llama.data.video import VideoDataConfig, VideoTextBatches
+from mm_llama.errors import CheckpointError, ConfigError, TrainingError
+from mm_llama.llama import Llama
+from mm_llama.media import Media
+from mm_llama.model import MMLlama
+from mm_llama.paths import checkpoint_path
+from mm_llama.train.distributed import Runtime
+from mm_llama.train.image_adapter import training_blocks
+from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
+
+
+@dataclass(kw_only=True)
+class VideoAdapterStageConfig:
+    """The stage's YAML: `image_model`, an mm-llama checkpoint with an image adapter (a stage image-adapter
+    checkpoint, or "demo"), and the video adapter to add to it."""
+
+    image_model: str
+    adapter: VideoAdapterConfig
+    init_blocks_from_image: bool = True
+    data: VideoDataConfig
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        if self.data.n_frames != self.adapter.n_frames:
+            raise ConfigError(f"data.n_frames ({self.data.n_frames}) differs from adapter.n_frames "
+                              f"({self.adapter.n_frames}); every clip gives the adapter's number of frames")
+
+
+class VideoAdapterStage:
+    name = "video-adapter"
+
+    def __init__(self, config: VideoAdapterStageConfig):
+        self.config = config
+        self.tokenizer_path = Path(config.data.tokenizer)
+        self.image_model = checkpoint_path(config.image_model)
+        self._model_config = None  # the built model's config, for `save`
+        self._trunk: tuple[Path, str] | None = None
+
+    def build(self, runtime: Runtime) -> nn.Module:
+        c = self.config
+        try:
+            base, state, trunk_dir = read_ours_with_trunk_dir(self.image_model)
+        except CheckpointError as e:
+            raise CheckpointError(f"image_model {c.image_model}: {e} (the video stage starts from an mm-llama "
+                                  "checkpoint with an image adapter: a stage image-adapter checkpoint, or 'demo')"
+                                  ) from None
+        if base.image_adapter is None:
+            raise ConfigError(f"image_model {c.image_model} has no image adapter: the video stage builds on a trained "
+                              "image model (its ViT encodes the frames, its blocks place the video blocks)")
+        v = base.vision
+        if (v.tile_size, v.max_tiles) != (c.data.tile_size, c.data.max_tiles):
+            raise ConfigError(f"data tiles ({c.data.tile_size} px, up to {c.data.max_tiles}) differ from the image "
+                              f"model's encoder ({v.tile_size} px, up to {v.max_tiles}); make them match")
+        config = replace(base, video_adapter=c.adapter)
+        trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
+        self._trunk = (trunk_dir, trunk_fingerprint(trunk_state, tie_embeddings=base.trunk.tie_embeddings))
+        with torch.device(runtime.device):
+            model = MMLlama(config, trunk=Llama(base.trunk))
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        missing = [k for k in missing if not k.startswith("video_adapter.")]
+        if missing or unexpected:
+            raise CheckpointError(f"image_model {c.image_model}: weights do not fit (missing {missing[:5]}, unexpected "
+                                  f"{unexpected[:5]})")
+        if c.init_blocks_from_image:
+            _copy_image_blocks(model)
+        model.requires_grad_(False)
+        model.video_adapter.requires_grad_(True)
+        self._model_config = model.config
+        return model
+
+    def blocks(self, model: MMLlama) -> list[nn.Module]:
+        return [*training_blocks(model), *model.video_adapter.cross_attention_layers,
+                *model.video_adapter.aggregator.layers]
+
+    def checkpoint_blocks(self, model: MMLlama) -> list[nn.Module]:
+        # 16-64 frames through a frozen ViT keep no activations; the aggregator's and the text side's do.
+        return [*model.video_adapter.aggregator.layers, *model.trunk.layers,
+                *model.image_adapter.cross_attention_layers, *model.video_adapter.cross_attention_layers]
+
+    def batches(self, runtime: Runtime, start: int) -> Iterator[dict]:
+        source = VideoTextBatches(self.config.data, rank=runtime.rank, world_size=runtime.world_size)
+        for batch in source.batches(start):
+            yield {**batch, "videos": batch["videos"].to(runtime.device), "tokens": batch["tokens"].to(runtime.device),
+                   "labels": batch["labels"].to(runtime.device)}
+
+    def n_targets(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def loss(self, model: MMLlama, batch: dict) -> torch.Tensor:
+        tokens, labels = batch["tokens"][:, :-1], batch["labels"][:, 1:]  # position t predicts token t+1
+        if int(labels.max()) >= model.trunk.config.vocab_size:
+            raise TrainingError(f"labels hold id {int(labels.max())}, outside the output vocabulary")
+        logits = model(tokens, Media(videos=batch["videos"]))  # (B, L-1, V) fp32
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
+        """The trained video adapter with the image model's frozen parts (a loadable model), the trunk by
+        reference, and the tokenizer."""
+        frozen = {k: v for k, v in self._frozen_parts().items() if k not in trainable}
+        parts = split_parts({**frozen, **trainable}, self._model_config.part_configs())
+        trunk_dir, fingerprint = self._trunk
+        write_ours(out, trunk=trunk_reference(trunk_dir, out, fingerprint), parts=parts)
+        shutil.copy2(self.tokenizer_path, out / "tokenizer.model")
+
+    def _frozen_parts(self) -> dict[str, torch.Tensor]:
+        """The image model's parts (everything but the trunk), as stored in `image_model`."""
+        return {k: v for _, tensors in read_ours_parts(self.image_model).values() for k, v in tensors.items()}
+
+    def load(self, ckpt: Path) -> dict[str, torch.Tensor]:
+        parts = read_ours_parts(ckpt)
+        if "video_adapter" not in parts:
+            raise CheckpointError(f"{ckpt}: not a video-adapter checkpoint (parts {sorted(parts)})")
+        return dict(parts["video_adapter"][1])
+
+
+def _copy_image_blocks(model: MMLlama) -> None:
+    """Each video block from the image block at its trunk layer, its gates kept (`adapter.gate_init`)."""
+    image = dict(zip(model.image_adapter.schedule, model.image_adapter.cross_attention_layers, strict=True))
+    with torch.no_grad():
+        for layer, block in zip(model.video_adapter.schedule, model.video_adapter.cross_attention_layers, strict=True):
+            gates = block.gate_attn.clone(), block.gate_ffwd.clone()
+            block.load_state_dict(image[layer].state_dict())
+            block.gate_attn.copy_(gates[0])
+            block.gate_ffwd.copy_(gates[1])
+
+
+def main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False) -> TrainResult:
+    return run_stage(VideoAdapterStageConfig, VideoAdapterStage, config_path, overrides, resume,
+                     result_name="video-adapter checkpoint")
