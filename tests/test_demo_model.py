@@ -49,7 +49,7 @@ def test_a_batch_answers_what_one_by_one_answers():
     from mm_llama.evaluation.tasks import SUITES
 
     assistant = Assistant.from_pretrained("demo", dtype=torch.float32)
-    text, image = (task.items(1, seed=5) for task in SUITES["shapes"])
+    text, image = (task.items(1, seed=5) for task in SUITES["shapes"][:2])
     items = [x for pair in zip(image, text, strict=True) for x in pair][:10]
     images = [item.image for item in items]
     batched = assistant.ask_batch([item.question for item in items], images=images, max_new_tokens=48)

@@ -17,7 +17,7 @@ from mm_llama.evaluation.tasks import SUITES, suite_tasks
 
 
 def test_items_are_held_out_balanced_and_deterministic():
-    for task in SUITES["shapes"]:
+    for task in SUITES["shapes"][:2]:  # text-qa, image-qa
         items = task.items(6, seed=3)
         assert [i.qtype for i in items] == [t for t in QUESTION_TYPES for _ in range(6)]
         assert all(split_of_scene(i.scene) == "heldout" for i in items)
@@ -34,13 +34,29 @@ def test_items_are_held_out_balanced_and_deterministic():
         assert all((i.image is not None) == (task.medium == "image") for i in items)
 
 
+def test_video_items_are_held_out_clips_and_time_questions():
+    from encoders.video import read_video
+    from mm_llama.data.world_clips import VIDEO_QUESTION_TYPES, clip_questions
+
+    (task,) = suite_tasks("shapes", ["video-qa"])
+    items = task.items(2, seed=3)
+    assert [i.qtype for i in items] == [t for t in VIDEO_QUESTION_TYPES for _ in range(2)]
+    for i in items:
+        assert split_of_scene(i.scene) == "heldout" and i.scene == i.clip.start
+        assert split_of_sentence(i.question) == "heldout", i
+        assert (i.question, i.answer) in {(q.question, q.answer) for q in clip_questions(i.clip, i.qtype)}, i
+        assert i.media() == {"video": i.video} and read_video(i.video, n_frames=16, tile_size=84,
+                                                              max_tiles=1).frames.shape == (16, 84, 84, 3)
+    assert [(i.question, i.answer) for i in items] == [(i.question, i.answer) for i in task.items(2, seed=3)]
+
+
 class OracleAssistant:
     """A test double of `Assistant` that knows the answers: right on the types in `right`, wrong elsewhere. It tests
     the scoring and the report, not a model (the shipped model's accuracy is tested in test_demo_model.py)."""
 
     def __init__(self, answers: dict[str, str], right: set[str], types: dict[str, str], tokenizer, vision=True):
         self.answers, self.right, self.types, self.tokenizer = answers, right, types, tokenizer
-        self.model = SimpleNamespace(config=SimpleNamespace(vision=object() if vision else None))
+        self.model = SimpleNamespace(config=SimpleNamespace(vision=object() if vision else None, video_adapter=None))
         self.asked, self.batches = [], []
 
     def ask_batch(self, questions, images=None, max_new_tokens=256):
@@ -66,7 +82,7 @@ def byte_tokenizer(tmp_path_factory):
 
 def oracle(byte_tokenizer, right, vision=True):
     answers, types = {}, {}
-    for task in SUITES["shapes"]:
+    for task in SUITES["shapes"][:2]:  # text-qa, image-qa: the double takes no video
         for item in task.items(4, seed=0):
             answers[item.question], types[item.question] = item.answer, item.qtype
     return OracleAssistant(answers, right, types, byte_tokenizer, vision)
@@ -86,9 +102,10 @@ def test_scoring_table_and_json_count_exact_answers(byte_tokenizer):
     assert data["overall"] == {"n": 56, "correct": 24, "accuracy": 24 / 56}
     table = report.table().splitlines()
     assert table[0].split() == ["task", "question", "type", "n", "correct", "accuracy"]
-    assert "image-qa  colour" in table[-8] and table[-8].split()[-4:] == ["4", "4", "100.0", "%"]
-    assert table[-1].split() == ["image-qa", "all", "28", "12", "42.9", "%"]
-    assert len(table) == 2 + 2 * 8
+    assert "image-qa  colour" in table[-9] and table[-9].split()[-4:] == ["4", "4", "100.0", "%"]
+    assert table[-2].split() == ["image-qa", "all", "28", "12", "42.9", "%"]
+    assert table[-1] == "video-qa: skipped (the model takes no video)"
+    assert len(table) == 2 + 2 * 8 + 1
     # Every question asked once, with room for its answer (byte-level: one token per byte) and no more than +16.
     assert len(assistant.asked) == 56 and sum(img for _, img, _ in assistant.asked) == 28
     assert assistant.batches == [32, 24]  # batches of 32 (the default), across the two tasks
@@ -100,16 +117,17 @@ def test_scoring_table_and_json_count_exact_answers(byte_tokenizer):
 def test_a_task_the_model_cannot_take_is_skipped_and_said(byte_tokenizer):
     report = evaluate(oracle(byte_tokenizer, right=set(QUESTION_TYPES), vision=False), n_per_type=4,
                       progress=False)
-    assert report.skipped == {"image-qa": "the model takes no image"}
+    assert report.skipped == {"image-qa": "the model takes no image", "video-qa": "the model takes no video"}
     assert report.to_json()["tasks"]["text-qa"]["accuracy"] == 1.0
-    assert report.table().splitlines()[-1] == "image-qa: skipped (the model takes no image)"
+    assert report.table().splitlines()[-2:] == ["image-qa: skipped (the model takes no image)",
+                                                "video-qa: skipped (the model takes no video)"]
 
 
 def test_unknown_suite_or_task_names_the_known_ones():
     with pytest.raises(InputError, match="known suites: shapes"):
         suite_tasks("nope")
-    with pytest.raises(InputError, match="its tasks: image-qa, text-qa"):
-        suite_tasks("shapes", ["image-qa", "video-qa"])
+    with pytest.raises(InputError, match="its tasks: image-qa, text-qa, video-qa"):
+        suite_tasks("shapes", ["image-qa", "speech-qa"])
 
 
 def mm_llama(*args) -> subprocess.CompletedProcess:
@@ -138,7 +156,7 @@ def test_command_prints_the_table_and_writes_json(tmp_path):
 
 def test_command_errors_are_one_line_before_loading(tmp_path, capsys):
     for args, message in ((["--suite", "nope"], "unknown suite 'nope'; known suites: shapes"),
-                          (["--suite", "shapes", "--task", "video-qa"], "its tasks: image-qa, text-qa"),
+                          (["--suite", "shapes", "--task", "speech-qa"], "its tasks: image-qa, text-qa, video-qa"),
                           (["--suite", "shapes", "--json", str(tmp_path / "no" / "eval.json")],
                            "its folder does not exist")):
         # A checkpoint that does not exist: the error must come before any loading.

@@ -2,26 +2,32 @@
 
 A task is a name, the medium the model needs for it, and a generator of `EvalItem`s from the held-out split of the
 shapes world (`mm_llama.data.world`: no scene or sentence of it was trained on), balanced over its question types.
-Answers are a function of the question and the scene, so grading is an exact match. Video and speech add their
-tasks to `SUITES["shapes"]` (issues 11-12), a line to `MEDIA` and a field to `EvalItem`; the runner does not
-change.
+Answers are a function of the question and the scene (or clip), so grading is an exact match. A medium adds its
+tasks to `SUITES["shapes"]`, a line to `MEDIA` and a field to `EvalItem`; the runner does not change.
 
     text-qa    the trunk's language (stage lm): a caption, then a question about it, in one user message
                    "There is a big red circle at the top left. Where is the circle?" -> "The circle is at the top left."
     image-qa   the image stage: the drawn scene and the question alone
+    video-qa   the video stage: a rendered clip and a question only time answers ("Which way does the red square
+               move?", "What colour does the circle turn?", "What appears?", "What disappears?")
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import random
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
 from mm_llama.data.world import Scene, random_scene
+from mm_llama.data.world_clips import VIDEO_QUESTION_TYPES, Clip, random_clip, video_question
 from mm_llama.data.world_draw import DEFAULT_SIZE, draw_scene
-from mm_llama.data.world_language import QA, QUESTION_TYPES, caption, image_question
+from mm_llama.data.world_language import QUESTION_TYPES, caption, image_question
 from mm_llama.errors import InputError
 
 __all__ = ["MEDIA", "SUITES", "EvalItem", "Task", "suite_tasks"]
@@ -29,8 +35,8 @@ __all__ = ["MEDIA", "SUITES", "EvalItem", "Task", "suite_tasks"]
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One question: what the user sends (text, and an image or nothing), the one right answer, and the scene asked
-    about. `media()` gives the item's media as `Assistant.ask` takes them."""
+    """One question: what the user sends (text, and an image, a video file or nothing), the one right answer, and
+    the scene asked about (a clip's start scene). `media()` gives the item's media as `Assistant.ask` takes them."""
 
     task: str
     qtype: str
@@ -38,21 +44,25 @@ class EvalItem:
     answer: str
     scene: Scene
     image: Image.Image | None = None
+    video: Path | None = None
+    clip: Clip | None = None  # what the video shows (video items)
 
     def media(self) -> dict:
-        """The media keyword arguments of `Assistant.ask` for this item: {} for text alone, {"image": ...}."""
-        return {} if self.image is None else {"image": self.image}
+        """The media keyword arguments of `Assistant.ask` for this item: {} for text alone, {"image": ...},
+        {"video": ...}."""
+        return {kind: value for kind, value in (("image", self.image), ("video", self.video)) if value is not None}
 
 
 @dataclass(frozen=True)
 class Task:
-    """name; medium: what the model needs (a key of `MEDIA`: "text", "image"); types: its question types;
-    make: (scene, QA, rng) -> the item for one held-out scene and question."""
+    """name; medium: what the model needs (a key of `MEDIA`: "text", "image", "video"); types: its question types;
+    make: (rng, question type) -> an item of the held-out split (`InputError` when the drawn scene or clip has no
+    held-out question of that type: another is drawn)."""
 
     name: str
     medium: str
     types: tuple[str, ...]
-    make: Callable[[Scene, QA, random.Random], EvalItem]
+    make: Callable[[random.Random, str], EvalItem]
 
     def items(self, n_per_type: int, seed: int = 0) -> list[EvalItem]:
         """`n_per_type` items of each question type, from the held-out split, the same for the same seed."""
@@ -62,11 +72,9 @@ class Task:
         items = []
         for qtype in self.types:
             while sum(item.qtype == qtype for item in items) < n_per_type:
-                scene = random_scene(rng, "heldout")
                 try:
-                    qa = image_question(scene, rng, "heldout", qtype)
-                    items.append(self.make(scene, qa, rng))
-                except InputError:  # no held-out wording of this type for this scene: draw another
+                    items.append(self.make(rng, qtype))
+                except InputError:  # no held-out wording of this type for this scene or clip: draw another
                     continue
         return items
 
@@ -75,22 +83,46 @@ class Task:
 MEDIA: dict[str, Callable[[object], bool]] = {
     "text": lambda config: True,
     "image": lambda config: config.vision is not None,
+    "video": lambda config: config.video_adapter is not None,
 }
 
 
-def _text_item(scene: Scene, qa: QA, rng: random.Random) -> EvalItem:
+def _text_item(rng: random.Random, qtype: str) -> EvalItem:
+    scene = random_scene(rng, "heldout")
+    qa = image_question(scene, rng, "heldout", qtype)
     # The caption stands where the image will, as in the lm corpus's chat samples (`synth_text`).
     return EvalItem("text-qa", qa.qtype, f"{caption(scene, rng, 'heldout')} {qa.question}", qa.answer, scene)
 
 
-def _image_item(scene: Scene, qa: QA, rng: random.Random) -> EvalItem:
+def _image_item(rng: random.Random, qtype: str) -> EvalItem:
+    scene = random_scene(rng, "heldout")
+    qa = image_question(scene, rng, "heldout", qtype)
     return EvalItem("image-qa", qa.qtype, qa.question, qa.answer, scene, draw_scene(scene, DEFAULT_SIZE, rng))
+
+
+@functools.cache
+def _clips() -> tempfile.TemporaryDirectory:
+    """Where this process writes the evaluation's clips (`ask` reads video files); removed when the process ends."""
+    return tempfile.TemporaryDirectory(prefix="mm-llama-eval-clips-")
+
+
+def _video_item(rng: random.Random, qtype: str) -> EvalItem:
+    from mm_llama.data.world_video import encode_mp4, render_clip
+
+    clip = random_clip(rng, "heldout")
+    qa = video_question(clip, rng, "heldout", qtype)
+    video = render_clip(clip, rng)
+    mp4 = encode_mp4(video.frames, video.fps)
+    path = Path(_clips().name) / f"{hashlib.sha256(mp4).hexdigest()[:20]}.mp4"
+    path.write_bytes(mp4)
+    return EvalItem("video-qa", qa.qtype, qa.question, qa.answer, clip.start, video=path, clip=clip)
 
 
 SUITES: dict[str, tuple[Task, ...]] = {
     "shapes": (
         Task("text-qa", "text", QUESTION_TYPES, _text_item),
         Task("image-qa", "image", QUESTION_TYPES, _image_item),
+        Task("video-qa", "video", VIDEO_QUESTION_TYPES, _video_item),
     ),
 }
 
