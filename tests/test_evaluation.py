@@ -48,6 +48,18 @@ def test_video_items_are_held_out_clips_and_time_questions():
         assert i.media() == {"video": i.video} and read_video(i.video, n_frames=16, tile_size=84,
                                                               max_tiles=1).frames.shape == (16, 84, 84, 3)
     assert [(i.question, i.answer) for i in items] == [(i.question, i.answer) for i in task.items(2, seed=3)]
+    # The shuffled variant: the same clips and questions, the sampler's 16 frames in another order.
+    (shuffled_task,) = suite_tasks("shapes", ["video-qa-shuffled"])
+    shuffled = shuffled_task.items(2, seed=3)
+    assert [(i.question, i.answer, i.clip) for i in shuffled] == [(i.question, i.answer, i.clip) for i in items]
+    for plain, mixed in zip(items, shuffled, strict=True):
+        a, b = (read_video(i.video, n_frames=16, tile_size=84, max_tiles=1).frames.astype(int) for i in (plain, mixed))
+        # Each shuffled frame is one of the plain ones (up to compression), and the sequence differs.
+        def changed(x, y):  # the fraction of pixels that differ by more than compression does
+            return (abs(x - y).max(axis=-1) > 40).mean(axis=(-2, -1))
+
+        assert max(changed(a, frame).min() for frame in b) < 0.002
+        assert changed(a, b).max() > 0.005  # a small shape is ~1 % of the frame
 
 
 class OracleAssistant:
@@ -102,10 +114,11 @@ def test_scoring_table_and_json_count_exact_answers(byte_tokenizer):
     assert data["overall"] == {"n": 56, "correct": 24, "accuracy": 24 / 56}
     table = report.table().splitlines()
     assert table[0].split() == ["task", "question", "type", "n", "correct", "accuracy"]
-    assert "image-qa  colour" in table[-9] and table[-9].split()[-4:] == ["4", "4", "100.0", "%"]
-    assert table[-2].split() == ["image-qa", "all", "28", "12", "42.9", "%"]
-    assert table[-1] == "video-qa: skipped (the model takes no video)"
-    assert len(table) == 2 + 2 * 8 + 1
+    assert "image-qa  colour" in table[-10] and table[-10].split()[-4:] == ["4", "4", "100.0", "%"]
+    assert table[-3].split() == ["image-qa", "all", "28", "12", "42.9", "%"]
+    assert table[-2:] == ["video-qa: skipped (the model takes no video)",
+                          "video-qa-shuffled: skipped (the model takes no video)"]
+    assert len(table) == 2 + 2 * 8 + 2
     # Every question asked once, with room for its answer (byte-level: one token per byte) and no more than +16.
     assert len(assistant.asked) == 56 and sum(img for _, img, _ in assistant.asked) == 28
     assert assistant.batches == [32, 24]  # batches of 32 (the default), across the two tasks
@@ -117,16 +130,17 @@ def test_scoring_table_and_json_count_exact_answers(byte_tokenizer):
 def test_a_task_the_model_cannot_take_is_skipped_and_said(byte_tokenizer):
     report = evaluate(oracle(byte_tokenizer, right=set(QUESTION_TYPES), vision=False), n_per_type=4,
                       progress=False)
-    assert report.skipped == {"image-qa": "the model takes no image", "video-qa": "the model takes no video"}
+    assert report.skipped == {"image-qa": "the model takes no image", "video-qa": "the model takes no video",
+                              "video-qa-shuffled": "the model takes no video"}
     assert report.to_json()["tasks"]["text-qa"]["accuracy"] == 1.0
-    assert report.table().splitlines()[-2:] == ["image-qa: skipped (the model takes no image)",
-                                                "video-qa: skipped (the model takes no video)"]
+    assert report.table().splitlines()[-3:-1] == ["image-qa: skipped (the model takes no image)",
+                                                  "video-qa: skipped (the model takes no video)"]
 
 
 def test_unknown_suite_or_task_names_the_known_ones():
     with pytest.raises(InputError, match="known suites: shapes"):
         suite_tasks("nope")
-    with pytest.raises(InputError, match="its tasks: image-qa, text-qa, video-qa"):
+    with pytest.raises(InputError, match="its tasks: image-qa, text-qa, video-qa, video-qa-shuffled"):
         suite_tasks("shapes", ["image-qa", "speech-qa"])
 
 
@@ -156,7 +170,7 @@ def test_command_prints_the_table_and_writes_json(tmp_path):
 
 def test_command_errors_are_one_line_before_loading(tmp_path, capsys):
     for args, message in ((["--suite", "nope"], "unknown suite 'nope'; known suites: shapes"),
-                          (["--suite", "shapes", "--task", "speech-qa"], "its tasks: image-qa, text-qa, video-qa"),
+                          (["--suite", "shapes", "--task", "speech-qa"], "its tasks: image-qa, text-qa, video-qa, video-qa-shuffled"),
                           (["--suite", "shapes", "--json", str(tmp_path / "no" / "eval.json")],
                            "its folder does not exist")):
         # A checkpoint that does not exist: the error must come before any loading.

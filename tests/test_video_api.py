@@ -109,3 +109,14 @@ def test_cli_ask_video(video_model, clips, tmp_path):
         assert re.search(message, result.stderr), result.stderr
     result = mm_llama("ask", "--video", str(clips[0]), "What appears?")  # the demo model has no video adapter yet
     assert result.returncode == 2 and "no video adapter" in result.stderr
+
+
+def test_eval_asks_the_video_tasks(video_model):
+    from mm_llama.evaluation.runner import evaluate
+
+    assistant = Assistant.from_pretrained(video_model, dtype=torch.float32)
+    report = evaluate(assistant, n_per_type=1, tasks=["video-qa", "video-qa-shuffled"], progress=False).to_json()
+    assert report["skipped"] == {}
+    for task in ("video-qa", "video-qa-shuffled"):
+        assert report["tasks"][task]["n"] == 4 and set(report["tasks"][task]["types"]) == {
+            "motion", "colour change", "appearance", "disappearance"}

@@ -10,6 +10,9 @@ tasks to `SUITES["shapes"]`, a line to `MEDIA` and a field to `EvalItem`; the ru
     image-qa   the image stage: the drawn scene and the question alone
     video-qa   the video stage: a rendered clip and a question only time answers ("Which way does the red square
                move?", "What colour does the circle turn?", "What appears?", "What disappears?")
+    video-qa-shuffled  the same clips and questions, the clip cut to the 16 frames the sampler takes, in a shuffled
+               order: a model that reads time falls towards chance here (issue 11's proof), one that reads a bag of
+               frames does not
 """
 
 from __future__ import annotations
@@ -63,12 +66,13 @@ class Task:
     medium: str
     types: tuple[str, ...]
     make: Callable[[random.Random, str], EvalItem]
+    stream: str | None = None  # the random stream its items come from (default: its name; a variant shares one)
 
     def items(self, n_per_type: int, seed: int = 0) -> list[EvalItem]:
         """`n_per_type` items of each question type, from the held-out split, the same for the same seed."""
         if not isinstance(n_per_type, int) or isinstance(n_per_type, bool) or n_per_type < 1:
             raise InputError(f"n_per_type must be a positive integer, got {n_per_type!r}")
-        rng = random.Random(f"{self.name}/{seed}")  # each task its own stream: adding a task changes no other
+        rng = random.Random(f"{self.stream or self.name}/{seed}")  # its own stream: adding a task changes no other
         items = []
         for qtype in self.types:
             while sum(item.qtype == qtype for item in items) < n_per_type:
@@ -106,16 +110,31 @@ def _clips() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="mm-llama-eval-clips-")
 
 
-def _video_item(rng: random.Random, qtype: str) -> EvalItem:
-    from mm_llama.data.world_video import encode_mp4, render_clip
+def _clip_item(task: str, rng: random.Random, qtype: str, shuffle: bool) -> EvalItem:
+    from mm_llama.data.world_video import SAMPLED_FRAMES, encode_mp4, render_clip, sampled_indices
 
     clip = random_clip(rng, "heldout")
     qa = video_question(clip, rng, "heldout", qtype)
     video = render_clip(clip, rng)
-    mp4 = encode_mp4(video.frames, video.fps)
+    frames = video.frames
+    if shuffle:  # the frames the sampler takes, in an order of their own (never the identity)
+        order = list(range(SAMPLED_FRAMES))
+        random.Random(f"{task}/{qa.question}/{len(frames)}").shuffle(order)  # not the items' rng: the same clips
+        if order == sorted(order):
+            order.reverse()
+        frames = frames[sampled_indices(len(frames))][order]
+    mp4 = encode_mp4(frames, video.fps)
     path = Path(_clips().name) / f"{hashlib.sha256(mp4).hexdigest()[:20]}.mp4"
     path.write_bytes(mp4)
-    return EvalItem("video-qa", qa.qtype, qa.question, qa.answer, clip.start, video=path, clip=clip)
+    return EvalItem(task, qa.qtype, qa.question, qa.answer, clip.start, video=path, clip=clip)
+
+
+def _video_item(rng: random.Random, qtype: str) -> EvalItem:
+    return _clip_item("video-qa", rng, qtype, shuffle=False)
+
+
+def _shuffled_video_item(rng: random.Random, qtype: str) -> EvalItem:
+    return _clip_item("video-qa-shuffled", rng, qtype, shuffle=True)
 
 
 SUITES: dict[str, tuple[Task, ...]] = {
@@ -123,6 +142,7 @@ SUITES: dict[str, tuple[Task, ...]] = {
         Task("text-qa", "text", QUESTION_TYPES, _text_item),
         Task("image-qa", "image", QUESTION_TYPES, _image_item),
         Task("video-qa", "video", VIDEO_QUESTION_TYPES, _video_item),
+        Task("video-qa-shuffled", "video", VIDEO_QUESTION_TYPES, _shuffled_video_item, stream="video-qa"),
     ),
 }
 
