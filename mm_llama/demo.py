@@ -3,12 +3,13 @@
     pip install "mm-llama[demo]"
     mm-llama demo --checkpoint runs/demo/image_adapter/checkpoints/step_00003000    # then open http://127.0.0.1:7860
 
-A model with an image encoder chats about uploaded images; a text-only trunk chats in text (an uploaded image then
-gets a message saying so). Answers stream token by token, greedy. Each answer is to the latest message and its
-images only: earlier turns stay on screen but are not sent to the model (the small demo models answer one question at
-a time, and a Llama 3.2 Vision prompt holds the images of one message).
+A model with an image encoder chats about uploaded images, one with a video adapter also about an uploaded video;
+a text-only trunk chats in text (an upload it cannot take gets a message saying so). Answers stream token by token,
+greedy. Each answer is to the latest message and its media only: earlier turns stay on screen but are not sent to the
+model (the small demo models answer one question at a time, and a Llama 3.2 Vision prompt holds the images of one
+message).
 
-A bad upload (a corrupt image, a file over the size limit, a file that is not an image) and an `MMLlamaError` of the
+A bad upload (a corrupt image or video, a file over the size limit, a file that is neither) and an `MMLlamaError` of the
 model (too many images, a question longer than the context) are answered in the chat, never as a stack trace.
 
 What the server exposes (checked against gradio 6.31): the page, its API (`/chat`, `/gradio_api/info`,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from mm_llama.api import Assistant
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")
 UPLOAD_CEILING = 4  # gradio's max_file_size, in units of max_upload_mb: see the module docstring
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; the decoded RGB image is then 150 MB of memory at most
 TEXT_ONLY = "This model answers text only (it has no image encoder): ask your question without an image."
@@ -86,16 +88,22 @@ def _check_upload_limit(max_upload_mb: object) -> None:
         raise InputError(f"max_upload_mb must be a number > 0, got {max_upload_mb!r}")
 
 
-def _read_upload(path: str, max_upload_mb: float, max_pixels: int):
-    """(the RGB image, None), or (None, what is wrong with the upload, said for the chat)."""
+def _accepted(max_upload_mb: float, videos: bool) -> str:
+    what = "a PNG, JPEG, GIF, BMP, WebP or TIFF image" + (" or an MP4, MOV, WebM, MKV or AVI video" if videos else "")
+    return f"upload {what} of at most {max_upload_mb:g} MB"
+
+
+def _read_upload(path: str, max_upload_mb: float, max_pixels: int, videos: bool = False):
+    """(the RGB image, None), or (None, what is wrong with the upload, said for the chat). `videos`: whether the
+    model takes videos (said in the messages; a video file itself is `_check_video`'s)."""
     from PIL import Image
 
     from encoders.image_transform import load_image
 
     name = Path(path).name
-    accepted = f"upload a PNG, JPEG, GIF, BMP, WebP or TIFF image of at most {max_upload_mb:g} MB"
+    accepted = _accepted(max_upload_mb, videos)
     if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
-        return None, f"{name} is not an image this demo reads; {accepted}."
+        return None, f"{name} is not {'a file' if videos else 'an image'} this demo reads; {accepted}."
     size = os.path.getsize(path)
     if size > max_upload_mb * 2**20:  # MB as gradio counts them (max_file_size "10mb" is 10 * 2**20 bytes)
         return None, f"{name} is {size / 2**20:.3g} MB, over the upload limit; {accepted}."
@@ -117,6 +125,15 @@ def _read_upload(path: str, max_upload_mb: float, max_pixels: int):
         return None, corrupt
 
 
+def _check_video(path: str, max_upload_mb: float) -> str | None:
+    """What is wrong with an uploaded video before decoding (its size), said for the chat; None when nothing is.
+    Decoding is `read_video`'s, in a process of its own with a timeout: its errors are said in the chat too."""
+    size = os.path.getsize(path)
+    if size > max_upload_mb * 2**20:
+        return f"{Path(path).name} is {size / 2**20:.3g} MB, over the upload limit; {_accepted(max_upload_mb, True)}."
+    return None
+
+
 def chat_fn(assistant: Assistant, *, max_upload_mb: float = 10, max_pixels: int = MAX_PIXELS, max_new_tokens: int = 256
             ) -> Callable[[dict, list], Iterator[str]]:
     """The demo's chat function: `chat(message, history)` yields the growing answer to `message`.
@@ -133,6 +150,7 @@ def chat_fn(assistant: Assistant, *, max_upload_mb: float = 10, max_pixels: int 
     """
     _check_upload_limit(max_upload_mb)
     sees_images = assistant.model.config.vision is not None
+    sees_videos = assistant.model.config.video_adapter is not None
     lock = threading.Lock()  # the Generator's caches serve one answer at a time (the page and the API may both ask)
 
     def chat(message: dict, history: list) -> Iterator[str]:
@@ -142,24 +160,37 @@ def chat_fn(assistant: Assistant, *, max_upload_mb: float = 10, max_pixels: int 
         if files and not sees_images:
             yield f"⚠️ {TEXT_ONLY}"
             return
+        videos = [path for path in files if Path(path).suffix.lower() in VIDEO_SUFFIXES]
+        if videos and not sees_videos:
+            yield ("⚠️ This model has no video adapter: it answers about images and text; "
+                   f"{_accepted(max_upload_mb, False)}.")
+            return
+        if len(videos) > 1:
+            yield "⚠️ Upload one video per question."
+            return
         images = []
         for path in files:
-            image, problem = _read_upload(path, max_upload_mb, max_pixels)
+            if path in videos:
+                problem = _check_video(path, max_upload_mb)
+            else:
+                image, problem = _read_upload(path, max_upload_mb, max_pixels, sees_videos)
+                images.append(image)
             if problem:
                 yield f"⚠️ {problem}"
                 return
-            images.append(image)
         if not text:
-            yield "⚠️ Type a question" + (" about the image." if images else ".")
+            yield "⚠️ Type a question" + (" about the video." if videos else " about the image." if images else ".")
             return
         answer = ""
         with lock:
             try:
-                for piece in assistant.ask_stream(text, images=images or None, max_new_tokens=max_new_tokens):
+                for piece in assistant.ask_stream(text, images=images or None, video=videos[0] if videos else None,
+                                                  max_new_tokens=max_new_tokens):
                     answer += piece
                     yield answer
-            except MMLlamaError as e:
-                yield (answer + "\n\n" if answer else "") + f"⚠️ {e}"
+            except MMLlamaError as e:  # a video that does not decode is said with its name, not gradio's path
+                said = str(e).replace(videos[0], Path(videos[0]).name) if videos else str(e)
+                yield (answer + "\n\n" if answer else "") + f"⚠️ {said}"
                 return
         if not answer:
             yield "_(the model gave an empty answer)_"
@@ -184,10 +215,13 @@ def build_demo(assistant: Assistant, *, examples: list[dict] | None = None, max_
     sees_images = assistant.model.config.vision is not None
     if examples and not sees_images:
         examples = [{"text": e["text"], "files": []} for e in examples]
-    what = ("Upload an image (the paper clip, or drop it on the box) and ask about it." if sees_images
+    sees_videos = assistant.model.config.video_adapter is not None
+    what = ("Upload an image or a video (the paper clip, or drop it on the box) and ask about it." if sees_videos
+            else "Upload an image (the paper clip, or drop it on the box) and ask about it." if sees_images
             else "This model answers text only.")
     description = (f"{what} Answers are greedy and to the latest message only (earlier turns are not sent to the "
-                   f"model). Uploads: images of at most {max_upload_mb:g} MB.")
+                   f"model). Uploads: {'images or one video' if sees_videos else 'images'} of at most "
+                   f"{max_upload_mb:g} MB.")
     textbox = gr.MultimodalTextbox(file_count="multiple", sources=["upload"], placeholder="Ask a question")
     # No "share" button: it would post the conversation to Hugging Face.
     chatbot = gr.Chatbot(label=title, scale=1, buttons=["copy", "copy_all"])

@@ -108,3 +108,41 @@ def run_mm_llama(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     command = [str(script)] if script.exists() else [sys.executable, "-m", "mm_llama.cli"]
     return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
                           env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+
+
+def make_video_model(path: Path) -> Path:
+    """A small random model with a video adapter (open gates: the clip matters) in mm-llama's format, with the shapes
+    world's tokenizer: 4 trunk layers, the debug ViT at one 84-px tile, 2 image blocks, 4 frames in 2 groups."""
+    import shutil
+
+    from adapters.cross_attention import CrossAttentionConfig
+    from adapters.video import VideoAdapterConfig
+    from encoders.vision import VisionConfig
+    from mm_llama.checkpoints import save_mmllama
+    from mm_llama.data.world_tokenizer import WORLD_TOKENIZER
+    from mm_llama.llama import LlamaConfig
+    from mm_llama.model import MMConfig, MMLlama
+    from mm_llama.tokenizer import Tokenizer
+
+    vocab = Tokenizer.from_file(WORLD_TOKENIZER).n_words
+    config = MMConfig(trunk=LlamaConfig.preset("debug", vocab_size=vocab, n_layers=4),
+                      vision=VisionConfig.preset("debug", max_tiles=1, tile_size=84),
+                      image_adapter=CrossAttentionConfig(n_layers=2),
+                      video_adapter=VideoAdapterConfig(n_frames=4, group=2, gate_init=0.5))
+    torch.manual_seed(0)
+    save_mmllama(randomize_(MMLlama(config), seed=1), path)
+    shutil.copy(WORLD_TOKENIZER, path / "tokenizer.model")
+    return path
+
+
+def make_clip(path: Path, seed: int) -> Path:
+    """A random shapes-world clip of `seed`, rendered and encoded to mp4 at `path`."""
+    import random
+
+    from mm_llama.data.world_clips import random_clip
+    from mm_llama.data.world_video import encode_mp4, render_clip
+
+    rng = random.Random(seed)
+    video = render_clip(random_clip(rng), rng)
+    path.write_bytes(encode_mp4(video.frames, video.fps))
+    return path

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_clip, make_video_model
 from mm_llama.api import Assistant
 from mm_llama.demo import TEXT_ONLY, _write_examples, build_demo, chat_fn, launch
 from mm_llama.errors import InputError, MMLlamaError
@@ -164,6 +165,26 @@ def test_model_errors_are_answered_in_the_chat(assistant, shapes_png):
     assert message == "⚠️ sample 0 has 9 images, more than the 8 accepted"
     (message,) = ask(chat, "Why? " * 100)  # 500 byte tokens: the debug trunk's context is 256
     assert message.startswith("⚠️ the prompt of") and "leaves no room for an answer" in message
+
+
+def test_a_video_is_answered_as_ask_answers_it(tmp_path):
+    video_model = make_video_model(tmp_path / "model")
+    clip = make_clip(tmp_path / "clip.mp4", seed=0)
+    video_assistant = Assistant.from_pretrained(video_model, dtype=torch.float32)
+    chat = chat_fn(video_assistant, max_new_tokens=6, max_upload_mb=0.01)
+    streamed = ask(chat, "What appears?", clip)
+    assert streamed[-1] == video_assistant.ask("What appears?", video=clip, max_new_tokens=6) and len(streamed) >= 1
+    assert ask(chat, "", clip) == ["⚠️ Type a question about the video."]
+    assert ask(chat, "What appears?", clip, clip) == ["⚠️ Upload one video per question."]
+    (message,) = ask(chat, "What appears?", write(tmp_path / "notes.mp4", b"not a video at all"))
+    assert message.startswith("⚠️ ") and "notes.mp4" in message and str(tmp_path) not in message
+    (message,) = ask(chat, "What appears?", write(tmp_path / "big.mp4", bytes(20_000)))
+    assert "big.mp4 is 0.0191 MB, over the upload limit" in message and "MP4, MOV" in message
+
+
+def test_an_image_model_says_so_for_a_video(assistant, tmp_path):
+    (message,) = ask(chat_fn(assistant), QUESTION, make_clip(tmp_path / "clip.mp4", seed=0))
+    assert message.startswith("⚠️ This model has no video adapter: it answers about images and text")
 
 
 def test_a_text_only_model_answers_text_and_says_so_for_images(checkpoints, shapes_png):

@@ -170,7 +170,8 @@ def test_command_prints_the_table_and_writes_json(tmp_path):
 
 def test_command_errors_are_one_line_before_loading(tmp_path, capsys):
     for args, message in ((["--suite", "nope"], "unknown suite 'nope'; known suites: shapes"),
-                          (["--suite", "shapes", "--task", "speech-qa"], "its tasks: image-qa, text-qa, video-qa, video-qa-shuffled"),
+                          (["--suite", "shapes", "--task", "speech-qa"],
+                           "its tasks: image-qa, text-qa, video-qa, video-qa-shuffled"),
                           (["--suite", "shapes", "--json", str(tmp_path / "no" / "eval.json")],
                            "its folder does not exist")):
         # A checkpoint that does not exist: the error must come before any loading.

@@ -4,55 +4,27 @@ of the shapes world encoded to mp4."""
 
 import random
 import re
-import shutil
 
 import pytest
 import torch
 from test_cli import mm_llama
 
-from adapters.cross_attention import CrossAttentionConfig
-from adapters.video import VideoAdapterConfig
-from conftest import randomize_
+from conftest import make_clip, make_video_model
 from encoders.video import Videos
-from encoders.vision import VisionConfig
 from mm_llama.api import Assistant
-from mm_llama.checkpoints import save_mmllama
-from mm_llama.data.world_clips import random_clip
-from mm_llama.data.world_tokenizer import WORLD_TOKENIZER
-from mm_llama.data.world_video import encode_mp4, render_clip
 from mm_llama.errors import InputError
-from mm_llama.llama import LlamaConfig
 from mm_llama.media import Media
-from mm_llama.model import MMConfig, MMLlama
-from mm_llama.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def video_model(tmp_path_factory):
-    """A random model with a video adapter (open gates) in mm-llama's format, with the world tokenizer."""
-    path = tmp_path_factory.mktemp("video") / "model"
-    vocab = Tokenizer.from_file(WORLD_TOKENIZER).n_words
-    config = MMConfig(trunk=LlamaConfig.preset("debug", vocab_size=vocab, n_layers=4),
-                      vision=VisionConfig.preset("debug", max_tiles=1, tile_size=84),
-                      image_adapter=CrossAttentionConfig(n_layers=2),
-                      video_adapter=VideoAdapterConfig(n_frames=4, group=2, gate_init=0.5))
-    torch.manual_seed(0)
-    model = randomize_(MMLlama(config), seed=1)
-    save_mmllama(model, path)
-    shutil.copy(WORLD_TOKENIZER, path / "tokenizer.model")
-    return path
+    return make_video_model(tmp_path_factory.mktemp("video") / "model")
 
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clips")
-    paths = []
-    for seed in range(2):
-        rng = random.Random(seed)
-        video = render_clip(random_clip(rng), rng)
-        paths.append(folder / f"clip{seed}.mp4")
-        paths[-1].write_bytes(encode_mp4(video.frames, video.fps))
-    return paths
+    return [make_clip(folder / f"clip{seed}.mp4", seed) for seed in range(2)]
 
 
 def test_ask_about_a_video_uses_the_clip(video_model, clips):
