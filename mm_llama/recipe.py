@@ -1,17 +1,19 @@
 """`mm-llama recipe demo`: train the embedded demo model from nothing, stage by stage, on the shapes world.
 
-    mm-llama recipe demo --out runs/demo              # data -> lm -> image-adapter -> model (bf16) -> eval
+    mm-llama recipe demo --out runs/demo              # data -> lm -> image-adapter -> video-adapter -> model -> eval
     mm-llama recipe demo --out runs/demo --size tiny  # the same steps in a minute on a CPU (CI): proves the plumbing
 
 Each step is skipped when its result is complete and resumed when it was cut short (a stage from its latest
 checkpoint; a data set is regenerated, since it takes seconds), so the recipe can run in pieces: run the same command
 again after an interruption. A stage stopped by SIGTERM/SIGINT checkpoints, and the recipe stops with it.
 
-The stages read the configs in `configs/demo/` (`lm.yaml`, `image_adapter.yaml`) with the data and run folders of
+The stages read the configs in `configs/demo/` (`lm.yaml`, `image_adapter.yaml`, `video_adapter.yaml`) with the data
+and run folders of
 `--out` as overrides; the recipe adds what is its own: the data set sizes and seeds, and for `--size tiny` fewer
 steps and smaller batches. The result, `OUT/model`, is a self-contained mm-llama checkpoint in bf16 (what ships in
 `mm_llama/demo_model`), and `OUT/eval.json` its `mm-llama eval --suite shapes` report. `OUT/recipe.json` records each
-step's time. Video and speech add their stages here (issues 11-12).
+step's time. Speech adds its stages here (issue 12). The video data need ffmpeg: Debian's, or the `imageio-ffmpeg`
+package's where there is none (`mm_llama.data.world_video.find_ffmpeg`).
 """
 
 from __future__ import annotations
@@ -40,19 +42,22 @@ class Size:
 
     n_text: int
     n_image: int
+    n_video: int
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> extra `--section.key=value`
     eval_per_type: int = 50
 
 
 SIZES = {
     # The shipped model: 16 minutes on one H200, measured (README and issue 10's note have each step's time).
-    "full": Size(n_text=100_000, n_image=60_000, eval_per_type=50),
+    "full": Size(n_text=100_000, n_image=60_000, n_video=20_000, eval_per_type=50),
     # CI on 2 CPU cores: every step of the full recipe on the real configs, with a handful of steps.
-    "tiny": Size(n_text=400, n_image=300, eval_per_type=1, overrides={
+    "tiny": Size(n_text=400, n_image=300, n_video=24, eval_per_type=1, overrides={
         "lm": ("--train.steps=4", "--data.batch_size=4", "--data.seq_len=256", "--train.log_every=2",
                "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=50"),
         "image-adapter": ("--train.steps=4", "--data.batch_size=4", "--train.log_every=2",
                           "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=50"),
+        "video-adapter": ("--train.steps=4", "--data.batch_size=2", "--train.log_every=2",
+                          "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=10"),
     }),
 }
 
@@ -95,6 +100,10 @@ def _synth(kind: str, n: int, seed: int) -> Callable[[Path], str]:
             from mm_llama.data.synth_text import synth_text
 
             synth_text(folder, n, seed=seed)
+        elif kind == "video":
+            from mm_llama.data.synth_video import synth_video
+
+            synth_video(folder, n, seed=seed)
         else:
             from mm_llama.data.synth_image import synth_image
 
@@ -144,6 +153,15 @@ def _trunk_and_data(out: Path) -> list[str]:
     return [f"--trunk={trunk.resolve()}", *_data_overrides("image")(out)]
 
 
+def _image_model_and_data(out: Path) -> list[str]:
+    from mm_llama.train.checkpoint import latest_checkpoint
+
+    image_model = latest_checkpoint(out / "image_adapter")
+    if image_model is None:
+        raise InputError(f"{out / 'image_adapter'} holds no checkpoint: the image-adapter step must run first")
+    return [f"--image_model={image_model.resolve()}", *_data_overrides("video")(out)]
+
+
 def package_model(checkpoint: Path, dst: Path, dtype: torch.dtype = torch.bfloat16) -> None:
     """Write `checkpoint` (e.g. an image-adapter step directory) to `dst` as a self-contained mm-llama checkpoint with
     every floating-point weight in `dtype` (bf16 halves the files; issue 10's note compares its accuracy with fp32)."""
@@ -165,9 +183,9 @@ def package_model(checkpoint: Path, dst: Path, dtype: torch.dtype = torch.bfloat
 def _package(out: Path) -> str:
     from mm_llama.train.checkpoint import latest_checkpoint
 
-    source = latest_checkpoint(out / "image_adapter")
+    source = latest_checkpoint(out / "video_adapter")  # the last stage: the whole model
     if source is None:
-        raise InputError(f"{out / 'image_adapter'} holds no checkpoint: the image-adapter step must run first")
+        raise InputError(f"{out / 'video_adapter'} holds no checkpoint: the video-adapter step must run first")
     dst = out / "model"
     what = {"from": str(source.resolve())}
     if _done(dst, what):
@@ -203,8 +221,10 @@ RECIPES = {
     "demo": Recipe(steps=(
         ("data text", lambda s: _synth("text", s.n_text, seed=0)),
         ("data image", lambda s: _synth("image", s.n_image, seed=1)),
+        ("data video", lambda s: _synth("video", s.n_video, seed=2)),
         ("lm", lambda s: _stage("lm", "lm.yaml", _data_overrides("text"), s)),
         ("image-adapter", lambda s: _stage("image-adapter", "image_adapter.yaml", _trunk_and_data, s)),
+        ("video-adapter", lambda s: _stage("video-adapter", "video_adapter.yaml", _image_model_and_data, s)),
         ("model", lambda s: _package),
         ("eval", _evaluate),
     )),

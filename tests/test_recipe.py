@@ -14,7 +14,7 @@ from mm_llama.api import Assistant
 from mm_llama.errors import InputError
 from mm_llama.recipe import run_recipe
 
-STEPS = ["data text", "data image", "lm", "image-adapter", "model", "eval"]
+STEPS = ["data text", "data image", "data video", "lm", "image-adapter", "video-adapter", "model", "eval"]
 
 
 def mm_llama(*args) -> subprocess.CompletedProcess:
@@ -26,16 +26,17 @@ def test_tiny_recipe_end_to_end_then_resumes(tmp_path):
     first = mm_llama("recipe", "demo", "--out", str(out), "--size", "tiny")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for i, step in enumerate(STEPS, 1):
-        assert f"[recipe demo] step {i}/6: {step}" in first.stdout
+        assert f"[recipe demo] step {i}/8: {step}" in first.stdout
     times = json.loads((out / "recipe.json").read_text())["seconds"]
     assert list(times) == STEPS and all(t >= 0 for t in times.values())
     # The stages trained on the generated shards, the model is self-contained bf16, and it answers.
     assert (out / "lm" / "checkpoints" / "step_00000004").is_dir()
     assert (out / "image_adapter" / "checkpoints" / "step_00000004").is_dir()
+    assert (out / "video_adapter" / "checkpoints" / "step_00000004").is_dir()
     for f in (out / "model").glob("*.safetensors"):
         with safe_open(f, "pt") as weights:
             assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
-    assert "trunk.safetensors" in {p.name for p in (out / "model").iterdir()}
+    assert {"trunk.safetensors", "video_adapter.safetensors"} <= {p.name for p in (out / "model").iterdir()}
     answer = Assistant.from_pretrained(out / "model", dtype=torch.float32).ask(
         "How many shapes are there?", image=_a_png(out), max_new_tokens=8)
     assert isinstance(answer, str)
@@ -43,7 +44,8 @@ def test_tiny_recipe_end_to_end_then_resumes(tmp_path):
     rows = [line.split() for line in first.stdout.splitlines() if line.startswith(("text-qa", "image-qa"))]
     assert len(rows) == 16 and all(r[-4] in ("1", "7") for r in rows)
     report = json.loads((out / "eval.json").read_text())
-    assert {t: v["n"] for t, v in report["tasks"].items()} == {"text-qa": 7, "image-qa": 7}
+    assert {t: v["n"] for t, v in report["tasks"].items()} == {"text-qa": 7, "image-qa": 7, "video-qa": 4,
+                                                               "video-qa-shuffled": 4}
 
     # Again: every step is complete or has nothing left to train, and no checkpoint is rewritten.
     stamp = (out / "lm" / "checkpoints" / "step_00000004" / "trunk.safetensors").stat().st_mtime_ns
@@ -51,9 +53,9 @@ def test_tiny_recipe_end_to_end_then_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "data text: " + str(out / "data" / "text") + " is complete" in second.stdout
     assert "model: " + str(out / "model") + " is complete" in second.stdout
-    assert second.stdout.count("nothing to train") == 2
+    assert second.stdout.count("nothing to train") == 3
     assert (out / "lm" / "checkpoints" / "step_00000004" / "trunk.safetensors").stat().st_mtime_ns == stamp
-    assert "step 6/6" not in second.stdout and "step 5/5: model" in second.stdout
+    assert "step 8/8" not in second.stdout and "step 7/7: model" in second.stdout
 
 
 def _a_png(out: Path):
