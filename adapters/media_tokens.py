@@ -22,5 +22,5 @@ class MediaTokenEmbedding(nn.Module):
         """(B, T) ids -> (B, T, D): media ids from this table, the others from the frozen one."""
         media = tokens >= self.n_vocab
         frozen = tok_embeddings(tokens.masked_fill(media, 0))
-        learned = self.learnable_embedding((tokens - self.n_vocab).clamp(min=0).masked_fill(~media, 0))
+        learned = self.learnable_embedding((tokens - self.n_vocab).clamp(min=0))  # row 0 for the others: unused
         return torch.where(media[..., None], learned.to(frozen.dtype), frozen)

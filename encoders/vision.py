@@ -215,9 +215,11 @@ class VisionEncoder(nn.Module):
             raise InputError(f"aspect_ratio_ids must be a long tensor of shape {tuple(pixel_values.shape[:2])}, "
                              f"got {aspect_ratio_ids.dtype} {tuple(aspect_ratio_ids.shape)}")
         n_ratios = len(supported_aspect_ratios(c.max_tiles))
-        if aspect_ratio_ids.numel() and not 0 <= int(aspect_ratio_ids.min()) <= int(aspect_ratio_ids.max()) <= n_ratios:
-            raise InputError(f"aspect_ratio_ids must be in [0, {n_ratios}] (0 = padding image), "
-                             f"got values in [{int(aspect_ratio_ids.min())}, {int(aspect_ratio_ids.max())}]")
+        if aspect_ratio_ids.numel():
+            low, high = torch.stack(torch.aminmax(aspect_ratio_ids)).tolist()  # one reduction, one wait for the GPU
+            if not 0 <= low <= high <= n_ratios:
+                raise InputError(f"aspect_ratio_ids must be in [0, {n_ratios}] (0 = padding image), "
+                                 f"got values in [{low}, {high}]")
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 tile_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ Hd head dim; in the tile-embedding tables M = T and R = len(supported_aspect_rat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,29 @@ from torch import nn
 
 from encoders.image_transform import supported_aspect_ratios
 from mm_llama.errors import CheckpointError
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def cached_constant(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`make()`, built once per `key` and reused: for the fixed tables a forward would otherwise rebuild from aranges
+    on every call (a few kernel launches each, in a training step bound by launches). `key` names everything the
+    table depends on (what it is, its sizes, device and dtype). The table is shared: never modify it in place.
+
+    Built outside inference mode, so that a table first made under generation's `torch.inference_mode` may still be
+    saved for backward by a later training step. Under torch.compile it is built in the graph, and tensor subclasses
+    (fake tensors) are never cached."""
+    if torch.compiler.is_compiling():
+        return make()
+    table = _CONSTANTS.get(key)
+    if table is None:
+        with torch.inference_mode(False):
+            table = make()
+        if type(table) is torch.Tensor:
+            if len(_CONSTANTS) >= 64:  # a few shapes x devices x dtypes in practice; never grows without bound
+                _CONSTANTS.clear()
+            _CONSTANTS[key] = table
+    return table
 
 
 class PatchEmbedding(nn.Module):
@@ -133,7 +157,8 @@ class PadTokens:
 
     @classmethod
     def layout(cls, n_tiles: int, n_tokens: int, padded_tokens: int, device: torch.device) -> PadTokens:
-        real = (torch.arange(padded_tokens, device=device) < n_tokens).repeat(n_tiles)[None]  # (1, S)
+        real = cached_constant(("pad_tokens", n_tiles, n_tokens, padded_tokens, torch.device(device)), lambda: (
+            torch.arange(padded_tokens, device=device) < n_tokens).repeat(n_tiles)[None])  # (1, S)
         return cls(n_tiles, n_tokens, padded_tokens, real)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe = sub.add_parser("recipe", help="train a model from nothing, every stage in turn (resumable: run the "
                             "same command again after an interruption)")
-    recipe.add_argument("recipe", choices=["demo"], help="demo: the embedded shapes-world model (lm -> image-adapter -> "
-                        "video-adapter)")
+    recipe.add_argument("recipe", choices=["demo"],
+                        help="demo: the embedded shapes-world model (lm -> image-adapter -> video-adapter)")
     recipe.add_argument("--out", required=True, help="run folder: data, each stage's checkpoints, model/, eval.json")
     recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (16 minutes "
                         "on one H200); tiny: every step with a handful of training steps (a CPU minute)")

@@ -144,20 +144,31 @@ def rope_frequencies(config: LlamaConfig, device: torch.device | str | None = No
     return torch.where(in_band, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
-def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for `positions` (B, T) or (T,): each (B, T, Hd/2) or (T, Hd/2), fp32."""
+def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """cos and sin of the RoPE angles for `positions` (B, T) or (T,): (B, T, Hd/2, 2) or (T, Hd/2, 2), fp32, stacked
+    last (the layout of the complex cos + i sin). Computed once per forward and shared by every layer."""
     angles = positions.float()[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, Hd), in fp32 like Meta's complex product."""
-    if cos.dim() == 2:  # (T, Hd/2): same positions for every row of the batch
-        cos, sin = cos[None], sin[None]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, Hd/2)
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, Hd) by `rope_table`'s angles, in fp32: Meta's complex
+    product (x[2i] cos - x[2i+1] sin, x[2i] sin + x[2i+1] cos).
+
+    Eager, it is that complex product: one kernel forward and two backward instead of seven and about ten, with
+    the same fp32 products and sums (on the CPU bit-equal to the formula written out, gradients too; a CUDA kernel
+    may fuse a product into the sum: fp32 rounding). torch.compile generates no code for complex ops, so a compiled
+    graph gets the formula written out, which it fuses.
+    """
+    if table.dim() == 3:  # (T, Hd/2, 2): same positions for every row of the batch
+        table = table[None]
+    table = table[:, :, None]  # (B, T, 1, Hd/2, 2)
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, Hd/2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    if torch.compiler.is_compiling():
+        real, imag, cos, sin = pairs[..., 0], pairs[..., 1], table[..., 0], table[..., 1]
+        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * torch.view_as_complex(table))
     return rotated.flatten(-2).type_as(x)
 
 
@@ -175,9 +186,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back, then scale: Meta's order (HF casts after scaling; equal in fp32).
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # Normalise in fp32, cast back, then scale: Meta's order (HF casts after scaling; equal in fp32). F.rms_norm
+        # normalises bf16/fp16 in fp32 and returns the input's dtype: one fused kernel each way on CUDA
+        # (`_fused_rms_norm`), the pow/mean/rsqrt/mul of the formula elsewhere. It takes the weight only in fp32,
+        # where scaling inside it rounds as the separate product does; in bf16 that would skip Meta's cast first.
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
 class Attention(nn.Module):
@@ -190,13 +205,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCacheLike | None = None, cache_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # q and k rotated together: one set of RoPE ops for both (the same arithmetic on the same values)
+        q, k = apply_rope(torch.cat((q, k), dim=2), rope).split((self.n_heads, self.n_kv_heads), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, Hd)
         if cache is not None:
             k, v = cache.update(self.layer_id, cache_pos, k, v)  # (B, K, S, Hd)
@@ -224,7 +240,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCacheLike | None = None, cache_pos: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, cache, cache_pos)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -282,9 +298,10 @@ class Llama(nn.Module):
         """(B, T) ids -> (B, T, D) embeddings."""
         return self.tok_embeddings(tokens)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for positions (T,) shared by the batch, or (B, T) per row (left-padded batches)."""
-        return rope_angles(positions, self.rope_inv_freq)
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """The RoPE table (`rope_table`) for positions (T,) shared by the batch, or (B, T) per row (left-padded
+        batches): what every layer's forward takes as `rope`."""
+        return rope_table(positions, self.rope_inv_freq)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) last hidden state -> (B, T, V) fp32 logits."""
