@@ -77,6 +77,22 @@ def checkpointed_blocks(model: MMLlama, train_vision: bool) -> list[nn.Module]:
     return [*model.trunk.layers, *model.image_adapter.cross_attention_layers]
 
 
+def answer_targets(batch: dict) -> int:
+    """The answer tokens of a chat batch the loss reads (the image and video stages)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def chat_loss(model: MMLlama, batch: dict, media: Media) -> torch.Tensor:
+    """Next-token cross-entropy summed over the answer tokens of a chat batch about `media` (the image and video
+    stages): position t predicts token t+1."""
+    tokens, labels = batch["tokens"][:, :-1], batch["labels"][:, 1:]
+    # The media tokens (the vocabulary size and up) have no output row: they must never be targets.
+    if int(labels.max()) >= model.trunk.config.vocab_size:
+        raise TrainingError(f"labels hold id {int(labels.max())}, outside the output vocabulary")
+    logits = model(tokens, media)  # (B, L-1, V) fp32
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
 class ImageAdapterStage:
     name = "image-adapter"
 
@@ -139,16 +155,11 @@ class ImageAdapterStage:
                    "labels": batch["labels"].to(runtime.device)}
 
     def n_targets(self, batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return answer_targets(batch)
 
     def loss(self, model: MMLlama, batch: dict) -> torch.Tensor:
-        tokens, labels = batch["tokens"][:, :-1], batch["labels"][:, 1:]  # position t predicts token t+1
-        # <|image|> (= the vocabulary size) has no output row: it must never be a target.
-        if int(labels.max()) >= model.trunk.config.vocab_size:
-            raise TrainingError(f"labels hold id {int(labels.max())}, outside the output vocabulary")
-        # (B, L-1, V) fp32; the whole model, image encoder included, runs inside one forward (FSDP)
-        logits = model(tokens, Media(images=batch["images"]))
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        # The whole model, image encoder included, runs inside one forward (FSDP).
+        return chat_loss(model, batch, Media(images=batch["images"]))
 
     def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
         # The same layout as save_mmllama(fmt="ours"): MMLlama.from_pretrained loads the directory as it is.

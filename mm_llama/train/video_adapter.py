@@ -20,22 +20,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapters.video import VideoAdapterConfig
 from mm_llama.checkpoints.composed import read_ours_with_trunk_dir
 from mm_llama.checkpoints.fingerprint import trunk_fingerprint
 from mm_llama.checkpoints.ours import read_ours_parts, split_parts, trunk_reference, write_ours
-from mm_llama.data.chat import IGNORE
 from mm_llama.data.video import VideoDataConfig, VideoTextBatches
-from mm_llama.errors import CheckpointError, ConfigError, TrainingError
+from mm_llama.errors import CheckpointError, ConfigError
 from mm_llama.llama import Llama
 from mm_llama.media import Media
 from mm_llama.model import MMLlama
 from mm_llama.paths import checkpoint_path
 from mm_llama.train.distributed import Runtime
-from mm_llama.train.image_adapter import training_blocks
+from mm_llama.train.image_adapter import answer_targets, chat_loss, training_blocks
 from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
 
 
@@ -114,14 +112,10 @@ class VideoAdapterStage:
                    "labels": batch["labels"].to(runtime.device)}
 
     def n_targets(self, batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return answer_targets(batch)
 
     def loss(self, model: MMLlama, batch: dict) -> torch.Tensor:
-        tokens, labels = batch["tokens"][:, :-1], batch["labels"][:, 1:]  # position t predicts token t+1
-        if int(labels.max()) >= model.trunk.config.vocab_size:
-            raise TrainingError(f"labels hold id {int(labels.max())}, outside the output vocabulary")
-        logits = model(tokens, Media(videos=batch["videos"]))  # (B, L-1, V) fp32
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        return chat_loss(model, batch, Media(videos=batch["videos"]))
 
     def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
         """The trained video adapter with the image model's frozen parts (a loadable model), the trunk by
