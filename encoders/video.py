@@ -57,7 +57,8 @@ _NO_TRACK, _NO_FRAMES = "has no video track (an audio-only file?)", "has a video
 # decord's words for faults that deserve a plainer message.
 _DECORD_WORDS = {"cannot find video stream": "has no video stream that decord finds (audio only, or cut short?)",
                  "Invalid frame count: 0": _NO_FRAMES,
-                 "av_read_frame failed": "is cut short or corrupt (decord stops at the first packet it cannot read)"}
+                 "av_read_frame failed": "is cut short or corrupt (decord stops at the first packet it cannot read)",
+                 "Cannot create buffer source": "is cut short or corrupt (its video stream has no usable format)"}
 
 
 class VideoClip(NamedTuple):

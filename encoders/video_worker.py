@@ -138,6 +138,12 @@ def _serve(conn: Connection) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle; it kills us if it must
     decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines; the errors still reach the caller
+    # decord's C++ log ("[13:23:01] video_reader.cc:83: ERROR opening: ...") writes straight to fd 2, before the
+    # exception that reaches the caller as a clear message: from here on, our stderr goes nowhere (a start failure
+    # above still shows; a crash shows as the exit code in the caller's error).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     conn.send("ready")
     state = {}
     while True:
