@@ -63,6 +63,7 @@ class VideoAdapterStage:
         self.image_model = checkpoint_path(config.image_model)
         self._model_config = None  # the built model's config, for `save`
         self._trunk: tuple[Path, str] | None = None
+        self._frozen: dict[str, torch.Tensor] = {}  # the image model's parts as stored, written with each checkpoint
 
     def build(self, runtime: Runtime) -> nn.Module:
         c = self.config
@@ -82,6 +83,7 @@ class VideoAdapterStage:
         config = replace(base, video_adapter=c.adapter)
         trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
         self._trunk = (trunk_dir, trunk_fingerprint(trunk_state, tie_embeddings=base.trunk.tie_embeddings))
+        self._frozen = {k: v for k, v in state.items() if not k.startswith("trunk.")}
         with torch.device(runtime.device):
             model = MMLlama(config, trunk=Llama(base.trunk))
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
@@ -120,15 +122,11 @@ class VideoAdapterStage:
     def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
         """The trained video adapter with the image model's frozen parts (a loadable model), the trunk by
         reference, and the tokenizer."""
-        frozen = {k: v for k, v in self._frozen_parts().items() if k not in trainable}
+        frozen = {k: v for k, v in self._frozen.items() if k not in trainable}
         parts = split_parts({**frozen, **trainable}, self._model_config.part_configs())
         trunk_dir, fingerprint = self._trunk
         write_ours(out, trunk=trunk_reference(trunk_dir, out, fingerprint), parts=parts)
         shutil.copy2(self.tokenizer_path, out / "tokenizer.model")
-
-    def _frozen_parts(self) -> dict[str, torch.Tensor]:
-        """The image model's parts (everything but the trunk), as stored in `image_model`."""
-        return {k: v for _, tensors in read_ours_parts(self.image_model).values() for k, v in tensors.items()}
 
     def load(self, ckpt: Path) -> dict[str, torch.Tensor]:
         parts = read_ours_parts(ckpt)
