@@ -75,8 +75,10 @@ class _Look:
 
 
 def sampled_indices(n_frames: int, k: int = SAMPLED_FRAMES) -> list[int]:
-    """The `k` frame indices a uniform sampler takes of `n_frames`: floor((i + 0.5) * n_frames / k)."""
-    return [(2 * i + 1) * n_frames // (2 * k) for i in range(k)]
+    """The `k` frame indices the model's sampler takes of `n_frames` (`encoders.video.uniform_indices`)."""
+    from encoders.video import uniform_indices
+
+    return uniform_indices(n_frames, k)
 
 
 def check_timing(fps: tuple[int, int], seconds: tuple[float, float]) -> None:
