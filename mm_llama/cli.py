@@ -5,7 +5,7 @@
     mm-llama export --checkpoint DIR --out DIR [--trunk DIR]   # self-contained copy of an adapter checkpoint
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
     mm-llama data synth --kind text|image|video --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
-                        [--questions Q] [--type-weights TYPE=W,...]
+                        [--questions Q] [--type-weights TYPE=W,...] [--time-share F]
     mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
     mm-llama eval [--checkpoint DIR] --suite shapes [--n-per-type N] [--seed S] [--task NAME ...] [--json FILE]
                                                       # held-out accuracy per task and question type
@@ -72,6 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
         common = {"seed": args.seed, "split": args.split, "shard_size": args.shard_size, "workers": args.workers}
+        if args.time_share is not None and args.kind != "video":
+            raise InputError(f"--time-share {args.time_share} applies to --kind video (only clips have an order)")
         if args.kind == "text":
             from mm_llama.data.synth_text import synth_text
 
@@ -84,13 +86,14 @@ def cmd_data(args: argparse.Namespace) -> None:
                                  "sample's questions follow its own kind)")
             shards = synth_text(Path(args.out), args.n, **common)
         elif args.kind == "video":
-            from mm_llama.data.synth_video import QUESTIONS_PER_CLIP, synth_video
+            from mm_llama.data.synth_video import QUESTIONS_PER_CLIP, TIME_SHARE, synth_video
             from mm_llama.data.world_draw import DEFAULT_SIZE
 
             size = DEFAULT_SIZE if args.size is None else args.size
             questions = QUESTIONS_PER_CLIP if args.questions is None else args.questions
+            time_share = TIME_SHARE if args.time_share is None else args.time_share
             shards = synth_video(Path(args.out), args.n, size=size, questions=questions,
-                                 type_weights=_type_weights(args.type_weights), **common)
+                                 type_weights=_type_weights(args.type_weights), time_share=time_share, **common)
         else:  # "image": the parser accepts only the kinds that exist
             from mm_llama.data.synth_image import QUESTIONS_PER_IMAGE, synth_image
             from mm_llama.data.world_draw import DEFAULT_SIZE
@@ -244,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--type-weights", help="image and video only: relative weights of question types, e.g. "
                        "'shape=2,relative position=2' (unnamed types weigh 1; for video the event types 'motion', "
                        "'colour change', 'appearance', 'disappearance' weigh 1.75 unless named)")
+    synth.add_argument("--time-share", type=float, help="video only: the chance, 0-1, that a question is drawn "
+                       "among those that need time (that a shuffled clip cannot answer), where the clip has one "
+                       "(default 0.7)")
     synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     synth.add_argument("--workers", type=int, default=None,
                        help="processes drawing samples (default: the usable cores, at most 16); the data do not "

@@ -36,15 +36,19 @@ def test_items_are_held_out_balanced_and_deterministic():
 
 def test_video_items_are_held_out_clips_and_time_questions():
     from encoders.video import read_video
-    from mm_llama.data.world_clips import VIDEO_QUESTION_TYPES, clip_questions
+    from mm_llama.data.world_clips import clip_questions
+    from mm_llama.data.world_language import QA
+    from mm_llama.data.world_time import TIME_QUESTION_TYPES, order_blind_accuracy
 
     (task,) = suite_tasks("shapes", ["video-qa"])
     items = task.items(2, seed=3)
-    assert [i.qtype for i in items] == [t for t in VIDEO_QUESTION_TYPES for _ in range(2)]
+    assert [i.qtype for i in items] == [t for t in TIME_QUESTION_TYPES for _ in range(2)]
     for i in items:
         assert split_of_scene(i.scene) == "heldout" and i.scene == i.clip.start
         assert split_of_sentence(i.question) == "heldout", i
         assert (i.question, i.answer) in {(q.question, q.answer) for q in clip_questions(i.clip, i.qtype)}, i
+        # Every question needs time: a model blind to the order of frames gets it wrong some of the time.
+        assert i.chance == order_blind_accuracy(i.clip, QA(i.question, i.answer, i.qtype)) < 1, i
         assert i.media() == {"video": i.video} and read_video(i.video, n_frames=16, tile_size=84,
                                                               max_tiles=1).frames.shape == (16, 84, 84, 3)
     assert [(i.question, i.answer) for i in items] == [(i.question, i.answer) for i in task.items(2, seed=3)]
@@ -178,3 +182,24 @@ def test_command_errors_are_one_line_before_loading(tmp_path, capsys):
         assert main(["eval", "--checkpoint", str(tmp_path / "missing"), *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and err.startswith("mm-llama: error: "), err
+
+
+def test_the_chance_column_is_the_mean_of_the_items_chance():
+    from mm_llama.evaluation.runner import Report
+    from mm_llama.evaluation.tasks import EvalItem
+
+    report = Report("shapes", 0, 2)
+    for qtype, chance, right in (("motion", 0.5, True), ("motion", 0.5, True), ("count", 0.5, False),
+                                 ("count", 1 / 3, True)):
+        report.add(EvalItem("video-qa", qtype, f"q {qtype} {chance}", "a", scene=None, chance=chance),
+                   "a" if right else "b")
+    report.add(EvalItem("image-qa", "colour", "q", "a", scene=None), "a")
+    tasks = report.to_json()["tasks"]
+    assert tasks["video-qa"]["chance"] == pytest.approx((1.5 + 1 / 3) / 4)
+    assert tasks["video-qa"]["types"]["count"]["chance"] == pytest.approx(5 / 12)
+    assert tasks["image-qa"]["chance"] is None and tasks["image-qa"]["types"]["colour"]["chance"] is None
+    table = report.table().splitlines()
+    assert table[0].split()[-1] == "chance"
+    assert table[2].split() == ["video-qa", "motion", "2", "2", "100.0", "%", "50.0", "%"]
+    assert table[4].split() == ["video-qa", "all", "4", "3", "75.0", "%", "45.8", "%"]
+    assert table[5].split() == ["image-qa", "colour", "1", "1", "100.0", "%"]

@@ -35,6 +35,7 @@ class Report:
     counts: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # task -> type -> [correct, asked]
     wrong: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # task -> a few {question, expected, got}
     skipped: dict[str, str] = field(default_factory=dict)  # task -> why
+    chance: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> type -> sum of the items' chance
 
     def add(self, item: EvalItem, got: str) -> None:
         """Count `got`, the model's answer to `item`: right when it equals the expected answer, surrounding
@@ -43,6 +44,9 @@ class Report:
         cell = self.counts.setdefault(item.task, {}).setdefault(item.qtype, [0, 0])
         cell[0] += ok
         cell[1] += 1
+        if item.chance is not None:
+            expected = self.chance.setdefault(item.task, {})
+            expected[item.qtype] = expected.get(item.qtype, 0.0) + item.chance
         kept = self.wrong.setdefault(item.task, [])
         if not ok and len(kept) < _WRONG_KEPT:
             kept.append({"type": item.qtype, "question": item.question, "expected": item.answer, "got": got.strip()})
@@ -52,18 +56,34 @@ class Report:
         cells = self.counts.get(task, {}).values()
         return sum(c for c, _ in cells), sum(n for _, n in cells)
 
+    def task_chance(self, task: str, qtype: str | None = None) -> float | None:
+        """The mean chance of `task`'s items (of `qtype`, or all), as a fraction; None where items carry none."""
+        sums = self.chance.get(task)
+        if not sums:
+            return None
+        if qtype is not None:
+            return sums[qtype] / self.counts[task][qtype][1]
+        return sum(sums.values()) / self.task_total(task)[1]
+
     def table(self) -> str:
-        """A plain-text table: task | question type | n | correct | accuracy, with each task's "all" row."""
-        rows = [("task", "question type", "n", "correct", "accuracy")]
+        """A plain-text table: task | question type | n | correct | accuracy | chance (where a task has one: the
+        accuracy of a model blind to what it tests), with each task's "all" row."""
+        def chance(task: str, qtype: str | None) -> str:
+            value = self.task_chance(task, qtype)
+            return "" if value is None else f"{100 * value:.1f} %"
+
+        rows = [("task", "question type", "n", "correct", "accuracy", "chance")]
         for task, types in self.counts.items():
             for qtype, (correct, n) in types.items():
-                rows.append((task, qtype, str(n), str(correct), f"{100 * correct / n:.1f} %"))
+                rows.append((task, qtype, str(n), str(correct), f"{100 * correct / n:.1f} %", chance(task, qtype)))
             correct, n = self.task_total(task)
-            rows.append((task, "all", str(n), str(correct), f"{100 * correct / n:.1f} %"))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            rows.append((task, "all", str(n), str(correct), f"{100 * correct / n:.1f} %", chance(task, None)))
+        if not self.chance:
+            rows = [row[:5] for row in rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = []
         for j, row in enumerate(rows):
-            cells = [row[i].ljust(widths[i]) if i < 2 else row[i].rjust(widths[i]) for i in range(5)]
+            cells = [row[i].ljust(widths[i]) if i < 2 else row[i].rjust(widths[i]) for i in range(len(row))]
             lines.append("  ".join(cells).rstrip())
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths))
@@ -74,15 +94,18 @@ class Report:
         """The report as JSON-ready data (accuracies are fractions, 0-1):
 
             {"suite", "seed", "n_per_type", "checkpoint",
-             "tasks": {task: {"n", "correct", "accuracy", "types": {type: {"n", "correct", "accuracy"}}}},
+             "tasks": {task: {"n", "correct", "accuracy", "chance", "types": {type: {"n", "correct", "accuracy",
+                                                                                      "chance"}}}},
+             # chance: the accuracy of a model blind to what the task tests (video: the order of frames), or None
              "overall": {"n", "correct", "accuracy"},   # every question asked, all tasks together
              "skipped": {task: why}, "wrong": {task: [{"type", "question", "expected", "got"}]}}
         """
         tasks = {}
         for task, types in self.counts.items():
             correct, n = self.task_total(task)
-            tasks[task] = {"n": n, "correct": correct, "accuracy": correct / n,
-                           "types": {t: {"n": n_t, "correct": c, "accuracy": c / n_t} for t, (c, n_t) in types.items()}}
+            tasks[task] = {"n": n, "correct": correct, "accuracy": correct / n, "chance": self.task_chance(task),
+                           "types": {t: {"n": n_t, "correct": c, "accuracy": c / n_t,
+                                         "chance": self.task_chance(task, t)} for t, (c, n_t) in types.items()}}
         correct, n = sum(t["correct"] for t in tasks.values()), sum(t["n"] for t in tasks.values())
         overall = {"n": n, "correct": correct, "accuracy": correct / n if n else None}  # None: every task skipped
         return {"suite": self.suite, "seed": self.seed, "n_per_type": self.n_per_type, "checkpoint": self.checkpoint,

@@ -8,11 +8,12 @@ tasks to `SUITES["shapes"]`, a line to `MEDIA` and a field to `EvalItem`; the ru
     text-qa    the trunk's language (stage lm): a caption, then a question about it, in one user message
                    "There is a big red circle at the top left. Where is the circle?" -> "The circle is at the top left."
     image-qa   the image stage: the drawn scene and the question alone
-    video-qa   the video stage: a rendered clip and a question only time answers ("Which way does the red square
-               move?", "What colour does the circle turn?", "What appears?", "What disappears?")
+    video-qa   the video stage: a rendered clip and a question that needs time, one a model blind to the order of
+               the frames answers at chance (`world_time`: "Which way does the triangle move?", "What colour is the
+               circle at the end?" when it changes colour); the report's chance column is that model's accuracy
     video-qa-shuffled  the same clips and questions, the clip cut to the 16 frames the sampler takes, in a shuffled
-               order: a model that reads time falls towards chance here (issue 11's proof), one that reads a bag of
-               frames does not
+               order: a model that reads time falls to chance here (issue 11's proof), one that reads a bag of
+               frames could not have beaten it on video-qa
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from pathlib import Path
 from PIL import Image
 
 from mm_llama.data.world import Scene, random_scene
-from mm_llama.data.world_clips import VIDEO_QUESTION_TYPES, Clip, random_clip, video_question
+from mm_llama.data.world_clips import Clip, random_clip
 from mm_llama.data.world_draw import DEFAULT_SIZE, draw_scene
 from mm_llama.data.world_language import QUESTION_TYPES, caption, image_question
+from mm_llama.data.world_time import TIME_QUESTION_TYPES, time_question
 from mm_llama.errors import InputError
 
 __all__ = ["MEDIA", "SUITES", "EvalItem", "Task", "suite_tasks"]
@@ -49,6 +51,7 @@ class EvalItem:
     image: Image.Image | None = None
     video: Path | None = None
     clip: Clip | None = None  # what the video shows (video items)
+    chance: float | None = None  # the expected accuracy of a model blind to what the task tests (video: to order)
 
     def media(self) -> dict:
         """The media keyword arguments of `Assistant.ask` for this item: {} for text alone, {"image": ...},
@@ -114,7 +117,7 @@ def _clip_item(task: str, rng: random.Random, qtype: str, shuffle: bool) -> Eval
     from mm_llama.data.world_video import SAMPLED_FRAMES, encode_mp4, render_clip, sampled_indices
 
     clip = random_clip(rng, "heldout")
-    qa = video_question(clip, rng, "heldout", qtype)
+    qa, chance = time_question(clip, rng, "heldout", qtype)
     video = render_clip(clip, rng)
     frames = video.frames
     if shuffle:  # the frames the sampler takes, in an order of their own (never the identity)
@@ -126,7 +129,7 @@ def _clip_item(task: str, rng: random.Random, qtype: str, shuffle: bool) -> Eval
     mp4 = encode_mp4(frames, video.fps)
     path = Path(_clips().name) / f"{hashlib.sha256(mp4).hexdigest()[:20]}.mp4"
     path.write_bytes(mp4)
-    return EvalItem(task, qa.qtype, qa.question, qa.answer, clip.start, video=path, clip=clip)
+    return EvalItem(task, qa.qtype, qa.question, qa.answer, clip.start, video=path, clip=clip, chance=chance)
 
 
 def _video_item(rng: random.Random, qtype: str) -> EvalItem:
@@ -141,8 +144,8 @@ SUITES: dict[str, tuple[Task, ...]] = {
     "shapes": (
         Task("text-qa", "text", QUESTION_TYPES, _text_item),
         Task("image-qa", "image", QUESTION_TYPES, _image_item),
-        Task("video-qa", "video", VIDEO_QUESTION_TYPES, _video_item),
-        Task("video-qa-shuffled", "video", VIDEO_QUESTION_TYPES, _shuffled_video_item, stream="video-qa"),
+        Task("video-qa", "video", TIME_QUESTION_TYPES, _video_item),
+        Task("video-qa-shuffled", "video", TIME_QUESTION_TYPES, _shuffled_video_item, stream="video-qa"),
     ),
 }
 
