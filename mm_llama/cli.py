@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_recipe(args: argparse.Namespace) -> int:
     from mm_llama.recipe import run_recipe
 
-    return run_recipe(args.recipe, args.out, size=args.size, skip_eval=args.no_eval)
+    return run_recipe(args.recipe, args.out, size=args.size, skip_eval=args.no_eval, image_model=args.image_model)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (16 minutes "
                         "on one H200); tiny: every step with a handful of training steps (a CPU minute)")
     recipe.add_argument("--no-eval", action="store_true", help="skip the final mm-llama eval --suite shapes")
+    recipe.add_argument("--image-model", help="build on this trained image model (a checkpoint directory with an image "
+                        "adapter, or 'demo') instead of training one: only the video steps, the model and the eval run")
     recipe.set_defaults(func=cmd_recipe)
 
     demo = sub.add_parser("demo", help="chat with a checkpoint in the browser: image upload, streamed answers "

@@ -2,6 +2,7 @@
 
     mm-llama recipe demo --out runs/demo              # data -> lm -> image-adapter -> video-adapter -> model -> eval
     mm-llama recipe demo --out runs/demo --size tiny  # the same steps in a minute on a CPU (CI): proves the plumbing
+    mm-llama recipe demo --out runs/video --image-model demo  # only the video steps, on a trained image model
 
 Each step is skipped when its result is complete and resumed when it was cut short (a stage from its latest
 checkpoint; a data set is regenerated, since it takes seconds), so the recipe can run in pieces: run the same command
@@ -93,6 +94,10 @@ def _synth(kind: str, n: int, seed: int) -> Callable[[Path], str]:
             from mm_llama.data.synth_image import QUESTIONS_PER_IMAGE
 
             what |= {"questions": QUESTIONS_PER_IMAGE, "type_weights": IMAGE_TYPE_WEIGHTS}
+        if kind == "video":
+            from mm_llama.data.synth_video import TIME_SHARE
+
+            what |= {"time_share": TIME_SHARE}
         if _done(folder, what):
             return f"{folder} is complete"
         shutil.rmtree(folder, ignore_errors=True)  # a partial or different set: writing it again takes seconds
@@ -153,13 +158,17 @@ def _trunk_and_data(out: Path) -> list[str]:
     return [f"--trunk={trunk.resolve()}", *_data_overrides("image")(out)]
 
 
-def _image_model_and_data(out: Path) -> list[str]:
-    from mm_llama.train.checkpoint import latest_checkpoint
+def _image_model_and_data(given: str | None) -> Callable[[Path], list[str]]:
+    def extra(out: Path) -> list[str]:
+        from mm_llama.train.checkpoint import latest_checkpoint
 
-    image_model = latest_checkpoint(out / "image_adapter")
-    if image_model is None:
-        raise InputError(f"{out / 'image_adapter'} holds no checkpoint: the image-adapter step must run first")
-    return [f"--image_model={image_model.resolve()}", *_data_overrides("video")(out)]
+        if given is not None:
+            return [f"--image_model={given}", *_data_overrides("video")(out)]
+        image_model = latest_checkpoint(out / "image_adapter")
+        if image_model is None:
+            raise InputError(f"{out / 'image_adapter'} holds no checkpoint: the image-adapter step must run first")
+        return [f"--image_model={image_model.resolve()}", *_data_overrides("video")(out)]
+    return extra
 
 
 def package_model(checkpoint: Path, dst: Path, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -214,24 +223,29 @@ def _evaluate(size: Size) -> Callable[[Path], str]:
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: tuple[tuple[str, Callable[[Size], Callable[[Path], str]]], ...]
+    # (title, make: (size, image model given or None) -> the step); `image_steps` make the image model, which a
+    # given image model replaces.
+    steps: tuple[tuple[str, Callable[[Size, str | None], Callable[[Path], str]]], ...]
+    image_steps: frozenset[str] = frozenset()
 
 
 RECIPES = {
     "demo": Recipe(steps=(
-        ("data text", lambda s: _synth("text", s.n_text, seed=0)),
-        ("data image", lambda s: _synth("image", s.n_image, seed=1)),
-        ("data video", lambda s: _synth("video", s.n_video, seed=2)),
-        ("lm", lambda s: _stage("lm", "lm.yaml", _data_overrides("text"), s)),
-        ("image-adapter", lambda s: _stage("image-adapter", "image_adapter.yaml", _trunk_and_data, s)),
-        ("video-adapter", lambda s: _stage("video-adapter", "video_adapter.yaml", _image_model_and_data, s)),
-        ("model", lambda s: _package),
-        ("eval", _evaluate),
-    )),
+        ("data text", lambda s, _: _synth("text", s.n_text, seed=0)),
+        ("data image", lambda s, _: _synth("image", s.n_image, seed=1)),
+        ("data video", lambda s, _: _synth("video", s.n_video, seed=2)),
+        ("lm", lambda s, _: _stage("lm", "lm.yaml", _data_overrides("text"), s)),
+        ("image-adapter", lambda s, _: _stage("image-adapter", "image_adapter.yaml", _trunk_and_data, s)),
+        ("video-adapter", lambda s, given: _stage("video-adapter", "video_adapter.yaml", _image_model_and_data(given),
+                                                  s)),
+        ("model", lambda s, _: _package),
+        ("eval", lambda s, _: _evaluate(s)),
+    ), image_steps=frozenset({"data text", "data image", "lm", "image-adapter"})),
 }
 
 
-def run_recipe(name: str, out: str | Path, *, size: str = "full", skip_eval: bool = False) -> int:
+def run_recipe(name: str, out: str | Path, *, size: str = "full", skip_eval: bool = False,
+               image_model: str | Path | None = None) -> int:
     """Run recipe `name` into folder `out`; returns the exit status (128 + signal when a stage was stopped).
 
     Args:
@@ -239,14 +253,28 @@ def run_recipe(name: str, out: str | Path, *, size: str = "full", skip_eval: boo
         out: the run folder; an earlier run's folder resumes.
         size: a key of SIZES ("full", "tiny").
         skip_eval: leave out the final evaluation.
+        image_model: a trained image model (an mm-llama checkpoint directory with an image adapter, or "demo") to
+            build the later stages on, instead of making one: the text and image data, lm and image-adapter steps
+            are left out. This is how the shipped demo model got its video part on its unchanged image model.
     """
     if name not in RECIPES:
         raise InputError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
     if size not in SIZES:
         raise InputError(f"unknown recipe size {size!r}; known sizes: {', '.join(SIZES)}")
+    given = None
+    if image_model is not None:
+        from mm_llama.paths import checkpoint_path
+
+        path = checkpoint_path(str(image_model), "image model")
+        if not path.is_dir():  # said before any step runs
+            raise InputError(f"image model {image_model}: no such checkpoint directory (give an mm-llama checkpoint "
+                             "with an image adapter, e.g. a stage image-adapter checkpoint, or 'demo')")
+        given = str(path.resolve())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = [(title, make(SIZES[size])) for title, make in RECIPES[name].steps if not (skip_eval and title == "eval")]
+    recipe = RECIPES[name]
+    steps = [(title, make(SIZES[size], given)) for title, make in recipe.steps
+             if not (skip_eval and title == "eval") and not (given and title in recipe.image_steps)]
     times: dict[str, float] = {}
     for i, (title, step) in enumerate(steps, 1):
         print(f"[recipe {name}] step {i}/{len(steps)}: {title}", flush=True)

@@ -44,8 +44,8 @@ def test_tiny_recipe_end_to_end_then_resumes(tmp_path):
     rows = [line.split() for line in first.stdout.splitlines() if line.startswith(("text-qa", "image-qa"))]
     assert len(rows) == 16 and all(r[-4] in ("1", "7") for r in rows)
     report = json.loads((out / "eval.json").read_text())
-    assert {t: v["n"] for t, v in report["tasks"].items()} == {"text-qa": 7, "image-qa": 7, "video-qa": 4,
-                                                               "video-qa-shuffled": 4}
+    assert {t: v["n"] for t, v in report["tasks"].items()} == {"text-qa": 7, "image-qa": 7, "video-qa": 7,
+                                                               "video-qa-shuffled": 7}
 
     # Again: every step is complete or has nothing left to train, and no checkpoint is rewritten.
     stamp = (out / "lm" / "checkpoints" / "step_00000004" / "trunk.safetensors").stat().st_mtime_ns
@@ -77,3 +77,27 @@ def test_unknown_recipe_or_size_names_the_known_ones(tmp_path):
         run_recipe("demo", tmp_path, size="huge")
     bad = mm_llama("recipe", "demo")
     assert bad.returncode == 2 and "--out" in bad.stderr
+
+
+def test_recipe_on_a_given_image_model_runs_only_the_video_steps(tmp_path):
+    out = tmp_path / "video"
+    run = mm_llama("recipe", "demo", "--out", str(out), "--size", "tiny", "--image-model", "demo", "--no-eval")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert list(json.loads((out / "recipe.json").read_text())["seconds"]) == ["data video", "video-adapter", "model"]
+    assert not (out / "lm").exists() and not (out / "data" / "image").exists()
+    # The image model's parts pass through unchanged (bf16 in, bf16 out); only the video adapter is new.
+    from mm_llama.paths import checkpoint_path
+
+    demo = checkpoint_path("demo")
+    for part in ("trunk", "vision", "image_adapter"):
+        with safe_open(demo / f"{part}.safetensors", "pt") as a, safe_open(out / "model" / f"{part}.safetensors",
+                                                                           "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    assert (out / "model" / "video_adapter.safetensors").is_file()
+
+
+def test_recipe_names_a_missing_image_model(tmp_path):
+    with pytest.raises(InputError, match="no such checkpoint directory"):
+        run_recipe("demo", tmp_path / "out", image_model=tmp_path / "nothing")
+    assert not (tmp_path / "out").exists()
