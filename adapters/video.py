@@ -13,6 +13,8 @@ What the paper leaves open, and the choices here (`VideoAdapterConfig`; README a
   frame tokens and to themselves, then the FFN). With 4 × 560-px tiles per frame (6,404 latents), the video adapter
   of the 8B layout has 0.58B parameters and that of the 70B layout 4.80B: the paper's 0.6B and 4.6B within 4 %
   (`tests/test_video_adapter.py`). A 4 · D FFN would give 0.67B and 5.14B;
+- the latents start as their group's mean frame (`latents_from_frames`), so that an effective frame starts as a
+  picture the image blocks can read, places included; the perceiver layer then refines it (what changed, when);
 - time: a learned embedding per frame position within a group, added to that frame's tokens (without it the
   perceiver is permutation-invariant over frames and cannot tell "appears" from "disappears"), and a learned
   embedding per effective frame, added to its latents (the video blocks see no other order).
@@ -64,6 +66,11 @@ class VideoAdapterConfig:
     # Both gates' initial value: 0 (the paper's) leaves the image model's output unchanged until the video blocks
     # learn; a trained checkpoint's gates replace it.
     gate_init: float = 0.0
+    # The latents start as the mean of their group's frame tokens (plus a learned offset) and the perceiver refines
+    # them: an effective frame starts as a frame the image blocks can read, places included. With learned latents
+    # alone (False: Flamingo's resampler), the demo's video stage lost where things are (issue 11's note: held-out
+    # "Where is the triangle at the end?" 44 %, the image model 100 %). Needs n_latents = one frame's tokens.
+    latents_from_frames: bool = True
 
     def __post_init__(self) -> None:
         for name in ("n_frames", "group", "depth", "every"):
@@ -74,6 +81,9 @@ class VideoAdapterConfig:
         if self.n_frames % self.group:
             raise ConfigError(f"video_adapter n_frames ({self.n_frames}) must be a multiple of group ({self.group}): "
                               "each group of consecutive frames becomes one effective frame")
+        if not isinstance(self.latents_from_frames, bool):
+            raise ConfigError("video_adapter latents_from_frames must be true or false, got "
+                              f"{self.latents_from_frames!r}")
         if not is_finite_number(self.gate_init):
             raise ConfigError(f"video_adapter gate_init must be a finite number, got {self.gate_init!r}")
 
@@ -128,12 +138,18 @@ class TemporalAggregator(nn.Module):
         super().__init__()
         self.group = config.group
         n_latents = config.n_latents or tokens_per_frame
+        self.from_frames = config.latents_from_frames
+        if self.from_frames and n_latents != tokens_per_frame:
+            raise ConfigError(f"video_adapter latents_from_frames needs n_latents = one frame's tokens "
+                              f"({tokens_per_frame}), got {n_latents}: the latents start as the group's mean frame")
         self.latents = nn.Parameter(torch.randn(n_latents, trunk.dim) * 0.02)
         self.time_embedding = nn.Parameter(torch.randn(config.group, trunk.dim) * 0.02)  # per frame of a group
         self.frame_embedding = nn.Parameter(torch.randn(config.n_effective_frames, trunk.dim) * 0.02)  # per group
         width = config.ffn_hidden_dim or trunk.dim
         self.layers = nn.ModuleList(PerceiverLayer(trunk, width) for _ in range(config.depth))
-        self.norm = RMSNorm(trunk.dim, trunk.norm_eps)
+        # Learned latents live on their own scale: normed on the way out. Latents from frames stay in the frame
+        # tokens' space and scale (the image blocks' values read them as they read a picture's), so no norm.
+        self.norm = None if self.from_frames else RMSNorm(trunk.dim, trunk.norm_eps)
 
     @property
     def n_latents(self) -> int:
@@ -146,13 +162,16 @@ class TemporalAggregator(nn.Module):
         if E * self.group != n_frames or E > self.frame_embedding.shape[0]:
             raise ValueError(f"{n_frames} frames per clip: the aggregator takes a multiple of {self.group} frames, at "
                              f"most {self.frame_embedding.shape[0] * self.group}")
-        grouped = frames.view(C, E, self.group, L, D) + self.time_embedding.to(frames.dtype)[:, None, :]
-        grouped = grouped.reshape(C * E, self.group * L, D)
+        by_group = frames.view(C, E, self.group, L, D)
+        grouped = (by_group + self.time_embedding.to(frames.dtype)[:, None, :]).reshape(C * E, self.group * L, D)
         latents = self.latents.to(frames.dtype)[None, None] + self.frame_embedding.to(frames.dtype)[:E, None, :]
+        if self.from_frames:
+            latents = latents + by_group.mean(dim=2)  # (C, E, L, D): each group's mean frame
         latents = latents.expand(C, E, -1, -1).reshape(C * E, self.n_latents, D)
         for layer in self.layers:
             latents = layer(latents, grouped)
-        return self.norm(latents).view(C, E, self.n_latents, D)
+        out = latents if self.norm is None else self.norm(latents)
+        return out.view(C, E, self.n_latents, D)
 
 
 class VideoAdapter(GatedCrossAttention):

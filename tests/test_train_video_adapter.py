@@ -46,11 +46,20 @@ def image_model(tmp_path_factory, clips):
     return path
 
 
-def stage_for(clips, image_model, run, **train) -> VideoAdapterStage:
+# Learned latents: on this random image model (projection output RMS 4.7) the stage's loss does not fall within 20
+# steps with latents from frames (6.7 -> 6.0); on the demo model it falls faster than with learned ones (issue 11's
+# note). The stage's mechanics, tested here, are the same.
+ADAPTER = {"latents_from_frames": False}
+
+
+def stage_for(clips, image_model, run, copy_blocks=False, **train) -> VideoAdapterStage:
+    """The stage on the random image model; its video blocks new at gates 0.5 unless `copy_blocks` (the random image
+    blocks' gates say nothing about what a video block should add)."""
     data = {"shards": str(clips), "tokenizer": str(clips / "tokenizer.model"), "tile_size": 28, "max_tiles": 1,
             "n_frames": 4, "seq_len": 128, "batch_size": 4, "shuffle_buffer": 8}
     config = from_dict(VideoAdapterStageConfig, {
-        "image_model": str(image_model), "adapter": {"n_frames": 4, "group": 2, "gate_init": 0.5}, "data": data,
+        "image_model": str(image_model), "adapter": {"n_frames": 4, "group": 2, "gate_init": 0.5, **ADAPTER},
+        "data": data, "init_blocks_from_image": copy_blocks,
         "train": {"out_dir": str(run), "steps": 20, "lr": 1e-2, "warmup_steps": 2, "log_every": 5,
                   "checkpoint_every": 20, "device": "cpu", **train}})
     return VideoAdapterStage(config)
@@ -78,14 +87,14 @@ def test_loss_falls_and_only_the_video_adapter_trains(clips, image_model, tmp_pa
 
 
 def test_video_blocks_start_as_the_image_blocks_they_sit_with(clips, image_model, tmp_path):
-    stage = stage_for(clips, image_model, tmp_path / "run")
+    stage = stage_for(clips, image_model, tmp_path / "run", copy_blocks=True)
     model = stage.build(init_runtime("cpu"))
     (layer,) = model.video_adapter.schedule
     image = model.image_adapter.cross_attention_layers[model.image_adapter.schedule.index(layer)].state_dict()
     video = model.video_adapter.cross_attention_layers[0].state_dict()
-    for name, value in video.items():
-        expected = torch.full_like(value, 0.5) if name.startswith("gate_") else image[name]
-        assert torch.equal(value, expected), name
+    for name, value in video.items():  # gates included: the image block's trained ones, not adapter.gate_init
+        assert torch.equal(value, image[name]), name
+    assert not torch.equal(video["gate_attn"], torch.full_like(video["gate_attn"], 0.5))
 
 
 def test_resume_gives_the_same_losses(clips, image_model, tmp_path):

@@ -175,3 +175,28 @@ def test_a_clip_for_a_model_without_video_is_a_clear_error():
     images, videos = media([1], [1])
     with pytest.raises(InputError, match="no video adapter"):
         image(torch.tensor([[IMG, 5, VID, 6]]), Media(images=images, videos=videos))
+
+
+def test_latents_from_frames_start_as_each_groups_mean_frame():
+    torch.manual_seed(0)
+    aggregator = randomize_(TemporalAggregator(TRUNK, VideoAdapterConfig(n_frames=8, group=4), tokens_per_frame=5))
+    frames = torch.randn(2, 8, 5, TRUNK.dim)
+    with torch.no_grad():
+        moved = aggregator(frames)
+        # What the perceiver adds to the start (its layers' outputs, the learned offset, the group embedding) set
+        # to zero: the effective frames are exactly the groups' mean frames, in the frame tokens' scale (no norm).
+        for layer in aggregator.layers:
+            layer.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        aggregator.latents.zero_()
+        aggregator.frame_embedding.zero_()
+        start = aggregator(frames)
+    assert torch.equal(start, frames.view(2, 2, 4, 5, TRUNK.dim).mean(dim=2))
+    assert (moved - start).abs().max() > 1e-2  # the perceiver does move them
+    learned = TemporalAggregator(TRUNK, VideoAdapterConfig(n_frames=8, group=4, latents_from_frames=False),
+                                 tokens_per_frame=5)
+    assert learned.norm is not None and aggregator.norm is None
+    with pytest.raises(ConfigError, match="latents_from_frames needs n_latents = one frame's tokens"):
+        TemporalAggregator(TRUNK, VideoAdapterConfig(n_latents=7), tokens_per_frame=5)
+    with pytest.raises(ConfigError, match="latents_from_frames must be true or false"):
+        VideoAdapterConfig(latents_from_frames="yes")

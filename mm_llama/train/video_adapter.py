@@ -7,9 +7,10 @@ description/Q&A shards. The loss is next-token cross-entropy on the answer token
 
 Initialisation: the paper starts video pretraining from the image-annealed weights, the aggregator and the video
 blocks new. With `init_blocks_from_image` (default) each video block starts as a copy of the image block at the same
-trunk layer, its gates at `adapter.gate_init`: it already reads tokens of the image encoder's space, which the
-aggregator's output starts near (its latents attend to frame tokens). Checkpoints are in mm-llama's format, the trunk
-by reference (as the image stage's), every other part stored; `MMLlama.from_pretrained` loads one directly.
+trunk layer, its trained gates included (`adapter.gate_init` then applies only without the copy): it already reads
+tokens of the image encoder's space, in which the aggregator's effective frames start (each group's mean frame).
+Checkpoints are in mm-llama's format, the trunk by reference (as the image stage's), every other part stored;
+`MMLlama.from_pretrained` loads one directly.
 """
 
 from __future__ import annotations
@@ -136,14 +137,13 @@ class VideoAdapterStage:
 
 
 def _copy_image_blocks(model: MMLlama) -> None:
-    """Each video block from the image block at its trunk layer, its gates kept (`adapter.gate_init`)."""
+    """Each video block from the image block at its trunk layer, gates included: the trained gates say how much
+    that block adds (the demo's: tanh 0.02-0.15); a block copied with larger gates (0.5) adds its reading of the
+    frames several times over, and the first steps unlearn it (issue 11's note: starting loss 4.1 against 2.0)."""
     image = dict(zip(model.image_adapter.schedule, model.image_adapter.cross_attention_layers, strict=True))
     with torch.no_grad():
         for layer, block in zip(model.video_adapter.schedule, model.video_adapter.cross_attention_layers, strict=True):
-            gates = block.gate_attn.clone(), block.gate_ffwd.clone()
             block.load_state_dict(image[layer].state_dict())
-            block.gate_attn.copy_(gates[0])
-            block.gate_ffwd.copy_(gates[1])
 
 
 def main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False) -> TrainResult:
