@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from adapters.cross_attention import CrossAttentionConfig
+from adapters.video import VideoAdapterConfig
 from encoders.vision import VisionConfig
 from mm_llama.checkpoints.mllama_hf import hf_mllama_config, hub_to_runtime, mmllama_state_to_hf
 from mm_llama.llama import LlamaConfig
@@ -21,10 +22,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_random(device: torch.device, gpu: bool, *, hf_semantics: bool = False) -> MMLlama:
+def build_random(device: torch.device, gpu: bool, *, hf_semantics: bool = False,
+                 video: VideoAdapterConfig | None = None) -> MMLlama:
     """fp32, seeded: the 11B-Vision layout on a GPU, the debug sizes on the CPU; every gate at 0.5 so the adapter and
     the global ViT layers really run. `hf_semantics`: transformers' reading (intermediate features after block i,
-    attention branch not row-masked), for comparisons where the numbers must agree."""
+    attention branch not row-masked), for comparisons where the numbers must agree. `video`: a video adapter too
+    (its gates at 0.5 as well; transformers has no video path)."""
     trunk = LlamaConfig.preset("8B" if gpu else "debug", max_seq_len=4096, use_scaled_rope=True)
     vision = VisionConfig.preset("3.2-11B" if gpu else "debug",
                                  intermediate_mode="output" if hf_semantics else "input")
@@ -32,7 +35,7 @@ def build_random(device: torch.device, gpu: bool, *, hf_semantics: bool = False)
     # images only matter with padding image slots, which these benchmarks do not have)
     torch.manual_seed(0)
     with torch.device(device):
-        model = MMLlama(MMConfig(trunk=trunk, vision=vision, image_adapter=adapter))
+        model = MMLlama(MMConfig(trunk=trunk, vision=vision, image_adapter=adapter, video_adapter=video))
     model.trunk.init_weights()
     with torch.no_grad():
         for name, p in model.named_parameters():
