@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.cross_attention import (
+    KV,
+    CrossAttention,
     CrossAttentionConfig,
     CrossAttentionInputs,
     GatedCrossAttention,
@@ -71,6 +73,11 @@ class VideoAdapterConfig:
     # alone (False: Flamingo's resampler), the demo's video stage lost where things are (issue 11's note: held-out
     # "Where is the triangle at the end?" 44 %, the image model 100 %). Needs n_latents = one frame's tokens.
     latents_from_frames: bool = True
+    # Each video block reads every effective frame ("moment") with its own softmax and mixes the E reads per channel
+    # (learned weights, starting at 1/E): "where is the circle" is answered once per moment, so the block can compare
+    # moments (a move: the late place minus the early one). One softmax over all moments averages the circle's places
+    # into one. Costs E x the heads' width of parameters per block; the attention work is the same.
+    read_moments: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_frames", "group", "depth", "every"):
@@ -81,9 +88,9 @@ class VideoAdapterConfig:
         if self.n_frames % self.group:
             raise ConfigError(f"video_adapter n_frames ({self.n_frames}) must be a multiple of group ({self.group}): "
                               "each group of consecutive frames becomes one effective frame")
-        if not isinstance(self.latents_from_frames, bool):
-            raise ConfigError("video_adapter latents_from_frames must be true or false, got "
-                              f"{self.latents_from_frames!r}")
+        for name in ("latents_from_frames", "read_moments"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"video_adapter {name} must be true or false, got {getattr(self, name)!r}")
         if not is_finite_number(self.gate_init):
             raise ConfigError(f"video_adapter gate_init must be a finite number, got {self.gate_init!r}")
 
@@ -174,9 +181,40 @@ class TemporalAggregator(nn.Module):
         return out.view(C, E, self.n_latents, D)
 
 
+class MomentCrossAttention(CrossAttention):
+    """Cross-attention over a clip's effective frames that reads each moment on its own: one softmax per moment
+    over that moment's tokens (of every video slot; the mask keeps the clip that covers the text), then the E reads
+    mixed per channel by `moment_mix` (E, H · Hd), before `wo`. With `moment_mix` at 1/E it is the mean of E
+    ordinary reads, one per moment. Keys/values are the ordinary ones (`kv`): the generation cache is unchanged."""
+
+    def __init__(self, trunk: LlamaConfig, n_moments: int, tokens_per_moment: int):
+        super().__init__(trunk)
+        self.n_moments, self.tokens_per_moment = n_moments, tokens_per_moment
+        self.moment_mix = nn.Parameter(torch.full((n_moments, self.n_heads * self.head_dim), 1.0 / n_moments))
+
+    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor | None) -> torch.Tensor:
+        k, v = kv  # (B, K, N, Hd), N = V · E · Q
+        B, T, _ = x.shape
+        E, Q = self.n_moments, self.tokens_per_moment
+        V = k.shape[2] // (E * Q)
+
+        def by_moment(t: torch.Tensor) -> torch.Tensor:  # (B, K, V·E·Q, Hd) -> (B·E, K, V·Q, Hd)
+            return t.unflatten(2, (V, E, Q)).permute(0, 3, 1, 2, 4, 5).flatten(3, 4).flatten(0, 1)
+
+        q = self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Hd)
+        q = q[:, None].expand(B, E, *q.shape[1:]).flatten(0, 1)  # (B·E, H, T, Hd)
+        if mask is not None:  # (B, 1, T, V·E·Q) -> (B·E, 1, T, V·Q)
+            mask = mask.unflatten(3, (V, E, Q)).permute(0, 4, 1, 2, 3, 5).flatten(4, 5).flatten(0, 1)
+        out = F.scaled_dot_product_attention(q, by_moment(k), by_moment(v), attn_mask=mask,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)  # (B·E, H, T, Hd)
+        out = out.unflatten(0, (B, E)).permute(0, 3, 1, 2, 4).flatten(3, 4)  # (B, T, E, H·Hd)
+        return self.wo((out * self.moment_mix.to(out.dtype)).sum(dim=2))
+
+
 class VideoAdapter(GatedCrossAttention):
     """The video cross-attention blocks (a `GatedCrossAttention` on `video_schedule`, shaped like the image blocks,
-    Meta's row masking) and the temporal aggregator that makes their media tokens."""
+    Meta's row masking; with `read_moments`, each block's attention a `MomentCrossAttention`) and the temporal
+    aggregator that makes their media tokens."""
 
     def __init__(self, trunk: LlamaConfig, config: VideoAdapterConfig, image_schedule: Sequence[int],
                  tokens_per_frame: int):
@@ -184,6 +222,9 @@ class VideoAdapter(GatedCrossAttention):
         super().__init__(trunk, CrossAttentionConfig(n_layers=len(layers), layers=layers, gate_init=config.gate_init))
         self.video_config = config
         self.aggregator = TemporalAggregator(trunk, config, tokens_per_frame)
+        if config.read_moments:
+            for block in self.cross_attention_layers:
+                block.attention = MomentCrossAttention(trunk, config.n_effective_frames, self.aggregator.n_latents)
 
 
 def encode_videos(videos: Videos, encoder: nn.Module, projection: nn.Module, aggregator: TemporalAggregator

@@ -86,12 +86,17 @@ def test_loss_falls_and_only_the_video_adapter_trains(clips, image_model, tmp_pa
     assert torch.equal(logits[0], logits[1])
 
 
-def test_video_blocks_start_as_the_image_blocks_they_sit_with(clips, image_model, tmp_path):
+@pytest.mark.parametrize("read_moments", [False, True])
+def test_video_blocks_start_as_the_image_blocks_they_sit_with(clips, image_model, tmp_path, monkeypatch,
+                                                               read_moments):
+    monkeypatch.setitem(ADAPTER, "read_moments", read_moments)
     stage = stage_for(clips, image_model, tmp_path / "run", copy_blocks=True)
     model = stage.build(init_runtime("cpu"))
     (layer,) = model.video_adapter.schedule
     image = model.image_adapter.cross_attention_layers[model.image_adapter.schedule.index(layer)].state_dict()
     video = model.video_adapter.cross_attention_layers[0].state_dict()
+    if read_moments:  # the two moments' reads start equally weighted: the mean of two ordinary reads
+        assert torch.equal(video.pop("attention.moment_mix"), torch.full((2, 64), 0.5))
     for name, value in video.items():  # gates included: the image block's trained ones, not adapter.gate_init
         assert torch.equal(value, image[name]), name
     assert not torch.equal(video["gate_attn"], torch.full_like(video["gate_attn"], 0.5))

@@ -79,11 +79,11 @@ def test_the_order_of_frames_matters_through_the_time_embeddings():
         assert torch.allclose(aggregator(across), aggregator(frames).flip(1), atol=1e-5)
 
 
-def models(seed=0, video_gate=0.0):
+def models(seed=0, video_gate=0.0, read_moments=False):
     """A video model with random weights (video gates at `video_gate`) and the same image model without it."""
     torch.manual_seed(seed)
     config = MMConfig(trunk=TRUNK, vision=VISION, image_adapter=CrossAttentionConfig(n_layers=2),
-                      video_adapter=VideoAdapterConfig(n_frames=4, group=2))
+                      video_adapter=VideoAdapterConfig(n_frames=4, group=2, read_moments=read_moments))
     video = randomize_(MMLlama(config), seed).eval()
     for block in video.video_adapter.cross_attention_layers:
         block.gate_attn.data.fill_(video_gate)
@@ -107,8 +107,9 @@ def media(n_images, n_videos, seed=0):
     return images, videos
 
 
-def test_zero_video_gates_give_the_image_models_logits_exactly():
-    video, image = models()
+@pytest.mark.parametrize("read_moments", [False, True])
+def test_zero_video_gates_give_the_image_models_logits_exactly(read_moments):
+    video, image = models(read_moments=read_moments)
     tokens = torch.tensor([[5, IMG, 7, 8, 9, VID, 11, 12, 13, 14]])
     images, videos = media([1], [1])
     with torch.no_grad():
@@ -137,9 +138,10 @@ def test_without_a_clip_the_video_blocks_do_not_run():
     assert calls == []
 
 
-def test_a_mixed_batch_answers_as_its_samples_alone():
+@pytest.mark.parametrize("read_moments", [False, True])
+def test_a_mixed_batch_answers_as_its_samples_alone(read_moments):
     # Picture only, clip only, both, text only: each row's logits as if it were alone in the batch.
-    video, _ = models(video_gate=0.5)
+    video, _ = models(video_gate=0.5, read_moments=read_moments)
     tokens = torch.tensor([[IMG, 6, 7, 8, 9, 10], [VID, 6, 7, 8, 9, 10], [IMG, 6, 7, VID, 9, 10],
                            [5, 6, 7, 8, 9, 10]])
     n_images, n_videos = [1, 0, 1, 0], [0, 1, 1, 0]
@@ -200,3 +202,41 @@ def test_latents_from_frames_start_as_each_groups_mean_frame():
         TemporalAggregator(TRUNK, VideoAdapterConfig(n_latents=7), tokens_per_frame=5)
     with pytest.raises(ConfigError, match="latents_from_frames must be true or false"):
         VideoAdapterConfig(latents_from_frames="yes")
+
+
+def test_reading_moments_is_one_read_per_moment_mixed_per_channel():
+    from adapters.cross_attention import CrossAttention
+    from adapters.video import MomentCrossAttention
+
+    torch.manual_seed(0)
+    E, Q, V, T = 3, 5, 2, 6
+    moments = randomize_(MomentCrossAttention(TRUNK, n_moments=E, tokens_per_moment=Q))
+    plain = CrossAttention(TRUNK)
+    plain.load_state_dict({k: v for k, v in moments.state_dict().items() if k != "moment_mix"})
+    x, media = torch.randn(2, T, TRUNK.dim), torch.randn(2, V * E * Q, TRUNK.dim)
+    mask = torch.zeros(2, 1, T, V, E, Q, dtype=torch.bool)
+    mask[0, :, :, 0] = True  # sample 0's text sees clip 0, sample 1's clip 1 (as video_inputs' masks would)
+    mask[1, :, :, 1] = True
+    flat = mask.flatten(3)
+    with torch.no_grad():
+        got = moments(x, moments.kv(media), flat)
+        # By hand: the ordinary attention on each moment's tokens alone, its output before wo mixed per channel.
+        wo, plain.wo = plain.wo, torch.nn.Identity()
+        reads = []
+        for e in range(E):
+            keep = torch.zeros(V, E, Q, dtype=torch.bool)
+            keep[:, e] = True
+            keep = keep.flatten()
+            reads.append(plain(x, plain.kv(media[:, keep]), flat[..., keep]))
+        expected = wo(sum(r * moments.moment_mix[e] for e, r in enumerate(reads)))
+        assert torch.allclose(got, expected, atol=1e-5)
+        # Equal weights: the moments' order does not matter; learned per-moment weights make it matter.
+        moments.moment_mix.fill_(1 / E)
+        order = torch.arange(V * E * Q).view(V, E, Q)[:, [2, 0, 1]].flatten()
+        same = moments(x, moments.kv(media[:, order]), flat[..., order])
+        assert torch.allclose(same, moments(x, moments.kv(media), flat), atol=1e-5)
+        moments.moment_mix[0].mul_(3)
+        assert (moments(x, moments.kv(media[:, order]), flat[..., order]) - moments(x, moments.kv(media), flat)
+                ).abs().max() > 1e-3
+        # No mask (every token visible: the decode step when the last row sees everything) works too.
+        assert moments(x, moments.kv(media), None).shape == (2, T, TRUNK.dim)

@@ -143,7 +143,10 @@ def _copy_image_blocks(model: MMLlama) -> None:
     image = dict(zip(model.image_adapter.schedule, model.image_adapter.cross_attention_layers, strict=True))
     with torch.no_grad():
         for layer, block in zip(model.video_adapter.schedule, model.video_adapter.cross_attention_layers, strict=True):
-            block.load_state_dict(image[layer].state_dict())
+            missing, unexpected = block.load_state_dict(image[layer].state_dict(), strict=False)
+            if unexpected or set(missing) - {"attention.moment_mix"}:  # a moment-reading block's mix starts at 1/E
+                raise CheckpointError(f"video block before layer {layer} does not fit the image block (missing "
+                                      f"{missing}, unexpected {unexpected})")
 
 
 def main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False) -> TrainResult:
