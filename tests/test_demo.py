@@ -228,6 +228,19 @@ def server(tmp_path_factory):
     """`mm-llama demo` (the embedded model: no --checkpoint) on a free port, in a folder of its own with TMPDIR of its
     own; yields its URL. On the way out:
     SIGTERM ends it with status 0, its private folder is gone and it wrote nothing where it ran."""
+    yield from serve(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def video_server(tmp_path_factory):
+    """`mm-llama demo --checkpoint M`, M a small random video model (`make_video_model`); yields (URL, M)."""
+    model = make_video_model(tmp_path_factory.mktemp("video-model") / "model")
+    for url in serve(tmp_path_factory, "--checkpoint", str(model)):
+        yield url, model
+
+
+def serve(tmp_path_factory, *args: str):
+    """Run `mm-llama demo *args` as `server` says; yields its URL once, then checks how it ended."""
     cwd, tmp = tmp_path_factory.mktemp("demo-cwd"), tmp_path_factory.mktemp("demo-tmp")
     env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
@@ -235,7 +248,7 @@ def server(tmp_path_factory):
     with log.open("w") as stderr:
         process = subprocess.Popen(mm_llama_command() + [
             "demo", "--port", str(free_port()), "--max-upload-mb",
-            str(UPLOAD_MB)], stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd, env=env)
+            str(UPLOAD_MB), *args], stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd, env=env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
@@ -314,6 +327,33 @@ def test_the_page_in_a_browser(server, held_out_scene, tmp_path):
         finally:
             browser.close()
     assert not elsewhere, f"the page asked for something other than the demo: {elsewhere}"
+
+
+def test_a_video_question_in_a_browser(video_server, tmp_path):
+    """A clip uploaded on the page of a video model: the answer shown is `Assistant.ask`'s for the same clip."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    url, model = video_server
+    clip = make_clip(tmp_path / "clip.mp4", seed=3)
+    expected = Assistant.from_pretrained(model, dtype=torch.float32).ask("What appears?", video=clip)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1200})
+            page.goto(url)
+            answers, textbox = page.locator("[data-testid=bot]"), page.locator("textarea")
+            page.locator("input[type=file]").set_input_files(str(clip))
+            expect(page.locator("[aria-label='File thumbnail']")).to_have_count(1)
+            textbox.fill("What appears?")
+            textbox.press("Enter")
+            expect(answers).to_have_count(1, timeout=60_000)
+            expect(textbox).to_be_editable(timeout=60_000)
+            assert " ".join(answers.nth(0).inner_text().split()) == " ".join(expected.split())
+        finally:
+            browser.close()
 
 
 def test_the_chat_api_through_gradio_client(server, held_out_scene, tmp_path, monkeypatch):
