@@ -171,6 +171,21 @@ def _image_model_and_data(given: str | None) -> Callable[[Path], list[str]]:
     return extra
 
 
+def _check_image_model(path: Path, name: object) -> None:
+    """`InputError` unless `path` is an mm-llama checkpoint with an image adapter: said before the video data are
+    made, not after."""
+    from mm_llama.checkpoints.ours import read_index
+    from mm_llama.errors import CheckpointError
+
+    try:
+        parts = read_index(path).get("parts", {})
+    except CheckpointError as e:
+        raise InputError(f"image model {name}: {e}") from None
+    if "image_adapter" not in parts:
+        raise InputError(f"image model {name} has no image adapter (parts: {', '.join(sorted(parts)) or 'none'}): "
+                         "the video steps build on a trained image model, e.g. a stage image-adapter checkpoint")
+
+
 def package_model(checkpoint: Path, dst: Path, dtype: torch.dtype = torch.bfloat16) -> None:
     """Write `checkpoint` (e.g. an image-adapter step directory) to `dst` as a self-contained mm-llama checkpoint with
     every floating-point weight in `dtype` (bf16 halves the files; issue 10's note compares its accuracy with fp32)."""
@@ -269,6 +284,7 @@ def run_recipe(name: str, out: str | Path, *, size: str = "full", skip_eval: boo
         if not path.is_dir():  # said before any step runs
             raise InputError(f"image model {image_model}: no such checkpoint directory (give an mm-llama checkpoint "
                              "with an image adapter, e.g. a stage image-adapter checkpoint, or 'demo')")
+        _check_image_model(path, image_model)
         given = str(path.resolve())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

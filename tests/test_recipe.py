@@ -97,7 +97,17 @@ def test_recipe_on_a_given_image_model_runs_only_the_video_steps(tmp_path):
     assert (out / "model" / "video_adapter.safetensors").is_file()
 
 
-def test_recipe_names_a_missing_image_model(tmp_path):
+def test_recipe_names_a_missing_or_unfit_image_model(tmp_path):
     with pytest.raises(InputError, match="no such checkpoint directory"):
         run_recipe("demo", tmp_path / "out", image_model=tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="image model .*empty: .*mm_llama.json"):
+        run_recipe("demo", tmp_path / "out", image_model=tmp_path / "empty")
+    from mm_llama.checkpoints import save_mmllama
+    from mm_llama.llama import LlamaConfig
+    from mm_llama.model import MMConfig, MMLlama
+
+    save_mmllama(MMLlama(MMConfig(trunk=LlamaConfig.preset("debug"))), tmp_path / "trunk")
+    with pytest.raises(InputError, match="has no image adapter"):
+        run_recipe("demo", tmp_path / "out", image_model=tmp_path / "trunk")
     assert not (tmp_path / "out").exists()
