@@ -78,6 +78,11 @@ class VideoAdapterConfig:
     # moments (a move: the late place minus the early one). One softmax over all moments averages the circle's places
     # into one. Costs E x the heads' width of parameters per block; the attention work is the same.
     read_moments: bool = False
+    # One more effective frame after the others: the last minus the first, plus a learned embedding. What changed
+    # where, in one frame: a read of it at a moved shape's places is linear in the move (a linear probe on the
+    # demo's frozen encoder reads a move's direction from it at 100 %, issue 11's note). Its latents are the
+    # difference of the others', so it adds one embedding's parameters.
+    change_frame: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_frames", "group", "depth", "every"):
@@ -88,7 +93,7 @@ class VideoAdapterConfig:
         if self.n_frames % self.group:
             raise ConfigError(f"video_adapter n_frames ({self.n_frames}) must be a multiple of group ({self.group}): "
                               "each group of consecutive frames becomes one effective frame")
-        for name in ("latents_from_frames", "read_moments"):
+        for name in ("latents_from_frames", "read_moments", "change_frame"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"video_adapter {name} must be true or false, got {getattr(self, name)!r}")
         if not is_finite_number(self.gate_init):
@@ -97,6 +102,11 @@ class VideoAdapterConfig:
     @property
     def n_effective_frames(self) -> int:
         return self.n_frames // self.group
+
+    @property
+    def n_moments(self) -> int:
+        """The effective frames the video blocks read: the groups', and the change frame if there is one."""
+        return self.n_effective_frames + self.change_frame
 
 
 def video_schedule(image_schedule: Sequence[int], every: int) -> list[int]:
@@ -152,6 +162,7 @@ class TemporalAggregator(nn.Module):
         self.latents = nn.Parameter(torch.randn(n_latents, trunk.dim) * 0.02)
         self.time_embedding = nn.Parameter(torch.randn(config.group, trunk.dim) * 0.02)  # per frame of a group
         self.frame_embedding = nn.Parameter(torch.randn(config.n_effective_frames, trunk.dim) * 0.02)  # per group
+        self.change_embedding = nn.Parameter(torch.zeros(trunk.dim)) if config.change_frame else None
         width = config.ffn_hidden_dim or trunk.dim
         self.layers = nn.ModuleList(PerceiverLayer(trunk, width) for _ in range(config.depth))
         # Learned latents live on their own scale: normed on the way out. Latents from frames stay in the frame
@@ -163,7 +174,7 @@ class TemporalAggregator(nn.Module):
         return self.latents.shape[0]
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (C, F, L, D) projected frame tokens of C clips -> (C, E, Q, D)."""
+        """frames (C, F, L, D) projected frame tokens of C clips -> (C, E, Q, D), E + 1 with the change frame."""
         C, n_frames, L, D = frames.shape
         E = n_frames // self.group
         if E * self.group != n_frames or E > self.frame_embedding.shape[0]:
@@ -177,8 +188,11 @@ class TemporalAggregator(nn.Module):
         latents = latents.expand(C, E, -1, -1).reshape(C * E, self.n_latents, D)
         for layer in self.layers:
             latents = layer(latents, grouped)
-        out = latents if self.norm is None else self.norm(latents)
-        return out.view(C, E, self.n_latents, D)
+        out = (latents if self.norm is None else self.norm(latents)).view(C, E, self.n_latents, D)
+        if self.change_embedding is not None:  # (C, E + 1, Q, D): what changed from the first moment to the last
+            change = out[:, -1] - out[:, 0] + self.change_embedding.to(out.dtype)
+            out = torch.cat([out, change[:, None]], dim=1)
+        return out
 
 
 class MomentCrossAttention(CrossAttention):
@@ -224,7 +238,7 @@ class VideoAdapter(GatedCrossAttention):
         self.aggregator = TemporalAggregator(trunk, config, tokens_per_frame)
         if config.read_moments:
             for block in self.cross_attention_layers:
-                block.attention = MomentCrossAttention(trunk, config.n_effective_frames, self.aggregator.n_latents)
+                block.attention = MomentCrossAttention(trunk, config.n_moments, self.aggregator.n_latents)
 
 
 def encode_videos(videos: Videos, encoder: nn.Module, projection: nn.Module, aggregator: TemporalAggregator
@@ -252,7 +266,7 @@ def video_inputs(tokens: Sequence[Sequence[int]], videos: Videos, effective: tor
     """The video blocks' inputs for the text `tokens` (B rows of ids, read on the host).
 
     Args:
-        effective: `encode_videos`' output (B, V · E · Q, D); n_effective: E.
+        effective: `encode_videos`' output (B, V · E · Q, D); n_effective: E (`VideoAdapterConfig.n_moments`).
         video_id: the `<|video|>` id; each sample needs one per video, where the text it covers starts.
         adapter: given, the keys/values of every block are computed here, once (generation); None, each block
             computes its own inside its forward (training).

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace, video: Path) -> None:
     print(f"building the {'11B-Vision' if gpu else 'debug'} layout with a video adapter ...", flush=True)
     model = build_random(device, gpu, video=VideoAdapterConfig()).to(dtype).eval().requires_grad_(False)
     vc, cfg = model.config.vision, model.config.video_adapter
-    n_frames, n_effective = cfg.n_frames, cfg.n_effective_frames
+    n_frames, n_effective = cfg.n_frames, cfg.n_moments
     # One question about one clip: a 24-token chat-like prompt with <|video|> where the user turn starts.
     torch.manual_seed(1)
     prompt = torch.randint(10, model.trunk.config.vocab_size, (24,)).tolist()

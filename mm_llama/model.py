@@ -234,7 +234,7 @@ class MMLlama(nn.Module):
             effective = encode_videos(media.videos, encoders["vision"], self.vision_projection,
                                       self.video_adapter.aggregator)
             state.cross["video_adapter"] = video_inputs(
-                rows, media.videos, effective, self.config.video_adapter.n_effective_frames, video_id=self.video_id,
+                rows, media.videos, effective, self.config.video_adapter.n_moments, video_id=self.video_id,
                 adapter=self.video_adapter if for_decoding else None)
         if media.embeddings is not None:
             state.splice = Splice.resolve(media.embeddings, len(rows), len(rows[0]), self.config.trunk.dim, left_pad)

@@ -79,11 +79,12 @@ def test_the_order_of_frames_matters_through_the_time_embeddings():
         assert torch.allclose(aggregator(across), aggregator(frames).flip(1), atol=1e-5)
 
 
-def models(seed=0, video_gate=0.0, read_moments=False):
+def models(seed=0, video_gate=0.0, read_moments=False, change_frame=False):
     """A video model with random weights (video gates at `video_gate`) and the same image model without it."""
     torch.manual_seed(seed)
     config = MMConfig(trunk=TRUNK, vision=VISION, image_adapter=CrossAttentionConfig(n_layers=2),
-                      video_adapter=VideoAdapterConfig(n_frames=4, group=2, read_moments=read_moments))
+                      video_adapter=VideoAdapterConfig(n_frames=4, group=2, read_moments=read_moments,
+                                                       change_frame=change_frame))
     video = randomize_(MMLlama(config), seed).eval()
     for block in video.video_adapter.cross_attention_layers:
         block.gate_attn.data.fill_(video_gate)
@@ -138,10 +139,10 @@ def test_without_a_clip_the_video_blocks_do_not_run():
     assert calls == []
 
 
-@pytest.mark.parametrize("read_moments", [False, True])
-def test_a_mixed_batch_answers_as_its_samples_alone(read_moments):
+@pytest.mark.parametrize(("read_moments", "change_frame"), [(False, False), (True, False), (True, True)])
+def test_a_mixed_batch_answers_as_its_samples_alone(read_moments, change_frame):
     # Picture only, clip only, both, text only: each row's logits as if it were alone in the batch.
-    video, _ = models(video_gate=0.5, read_moments=read_moments)
+    video, _ = models(video_gate=0.5, read_moments=read_moments, change_frame=change_frame)
     tokens = torch.tensor([[IMG, 6, 7, 8, 9, 10], [VID, 6, 7, 8, 9, 10], [IMG, 6, 7, VID, 9, 10],
                            [5, 6, 7, 8, 9, 10]])
     n_images, n_videos = [1, 0, 1, 0], [0, 1, 1, 0]
@@ -240,3 +241,19 @@ def test_reading_moments_is_one_read_per_moment_mixed_per_channel():
                 ).abs().max() > 1e-3
         # No mask (every token visible: the decode step when the last row sees everything) works too.
         assert moments(x, moments.kv(media), None).shape == (2, T, TRUNK.dim)
+
+
+def test_the_change_frame_is_the_last_moment_minus_the_first():
+    torch.manual_seed(0)
+    config = VideoAdapterConfig(n_frames=8, group=2, change_frame=True)
+    assert (config.n_effective_frames, config.n_moments) == (4, 5)
+    aggregator = randomize_(TemporalAggregator(TRUNK, config, tokens_per_frame=5))
+    with torch.no_grad():
+        out = aggregator(torch.randn(3, 8, 5, TRUNK.dim))
+    assert out.shape == (3, 5, 5, TRUNK.dim)
+    assert torch.allclose(out[:, 4], out[:, 3] - out[:, 0] + aggregator.change_embedding, atol=1e-6)
+    video, _ = models(video_gate=0.5, change_frame=True)  # the video blocks read 2 + 1 moments of each clip
+    tokens = torch.tensor([[VID, 6, 7, 8]])
+    _, videos = media([0], [1])
+    with torch.no_grad():
+        assert torch.isfinite(video(tokens, Media(videos=videos))).all()
