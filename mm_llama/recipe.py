@@ -162,21 +162,24 @@ def _image_model_and_data(given: str | None) -> Callable[[Path], list[str]]:
     def extra(out: Path) -> list[str]:
         from mm_llama.train.checkpoint import latest_checkpoint
 
-        if given is not None:
-            return [f"--image_model={given}", *_data_overrides("video")(out)]
-        image_model = latest_checkpoint(out / "image_adapter")
+        image_model = given or latest_checkpoint(out / "image_adapter")
         if image_model is None:
             raise InputError(f"{out / 'image_adapter'} holds no checkpoint: the image-adapter step must run first")
-        return [f"--image_model={image_model.resolve()}", *_data_overrides("video")(out)]
+        return [f"--image_model={Path(image_model).resolve()}", *_data_overrides("video")(out)]
     return extra
 
 
-def _check_image_model(path: Path, name: object) -> None:
-    """`InputError` unless `path` is an mm-llama checkpoint with an image adapter: said before the video data are
-    made, not after."""
+def _given_image_model(name: str | Path) -> str:
+    """The directory of `name` ("demo" or a path), checked to be an mm-llama checkpoint with an image adapter
+    (`InputError` otherwise): said before any step runs, not after the video data are made."""
     from mm_llama.checkpoints.ours import read_index
     from mm_llama.errors import CheckpointError
+    from mm_llama.paths import checkpoint_path
 
+    path = checkpoint_path(str(name), "image model")
+    if not path.is_dir():
+        raise InputError(f"image model {name}: no such checkpoint directory (give an mm-llama checkpoint with an "
+                         "image adapter, e.g. a stage image-adapter checkpoint, or 'demo')")
     try:
         parts = read_index(path).get("parts", {})
     except CheckpointError as e:
@@ -184,6 +187,7 @@ def _check_image_model(path: Path, name: object) -> None:
     if "image_adapter" not in parts:
         raise InputError(f"image model {name} has no image adapter (parts: {', '.join(sorted(parts)) or 'none'}): "
                          "the video steps build on a trained image model, e.g. a stage image-adapter checkpoint")
+    return str(path.resolve())
 
 
 def package_model(checkpoint: Path, dst: Path, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -270,22 +274,14 @@ def run_recipe(name: str, out: str | Path, *, size: str = "full", skip_eval: boo
         skip_eval: leave out the final evaluation.
         image_model: a trained image model (an mm-llama checkpoint directory with an image adapter, or "demo") to
             build the later stages on, instead of making one: the text and image data, lm and image-adapter steps
-            are left out. This is how the shipped demo model got its video part on its unchanged image model.
+            are left out, and the image model's parts reach OUT/model unchanged: how a video part is added to the
+            shipped model without retraining its image rows.
     """
     if name not in RECIPES:
         raise InputError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
     if size not in SIZES:
         raise InputError(f"unknown recipe size {size!r}; known sizes: {', '.join(SIZES)}")
-    given = None
-    if image_model is not None:
-        from mm_llama.paths import checkpoint_path
-
-        path = checkpoint_path(str(image_model), "image model")
-        if not path.is_dir():  # said before any step runs
-            raise InputError(f"image model {image_model}: no such checkpoint directory (give an mm-llama checkpoint "
-                             "with an image adapter, e.g. a stage image-adapter checkpoint, or 'demo')")
-        _check_image_model(path, image_model)
-        given = str(path.resolve())
+    given = None if image_model is None else _given_image_model(image_model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = RECIPES[name]

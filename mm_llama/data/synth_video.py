@@ -14,7 +14,7 @@ disappearance) and the image world's asked of the start or the end scene ("What 
 QUESTION_TYPES: one frame answers them). By default half the questions are about events, 1/8 of each event type, and
 half about a scene, 1/14 of each scene type: the mix `world_clips.video_question` draws. Within a type, 7 questions
 in 10 (TIME_SHARE) are drawn among those that need time (`world_time`: "Which way does the circle move?" when the
-circle is seen at two places), where the clip has one: 21 % of all questions at 0.5, 10 % left to chance.
+circle is seen at two places), where the clip has one: 24 % of all questions, against 10 % left to chance.
 
 Splits as in the rest of the world: a clip belongs to its start scene's split; its caption, event sentences and
 questions each belong to the split (answers are exempt).

@@ -90,8 +90,8 @@ def time_question(clip: Clip, rng: random.Random, split: str, qtype: str) -> tup
     (`world_language.pick`: a template, then a group, then a question of `split`), with its order-blind accuracy.
     `InputError` when the clip has none in `split`."""
     readings = _answers_by_reading(clip, qtype)
-    needs = [q for q in clip_questions(clip, qtype) if _accuracy(readings, q.question, q.answer) < 1]
-    q = pick(needs, rng, split)
+    scored = [(q, _accuracy(readings, q.question, q.answer)) for q in clip_questions(clip, qtype)]
+    q = pick([q for q, a in scored if a < 1], rng, split)
     if q is None:
         raise InputError(f"the clip has no {qtype} question that needs time in split {split!r}; draw another clip")
-    return QA(q.question, q.answer, qtype), _accuracy(readings, q.question, q.answer)
+    return QA(q.question, q.answer, qtype), next(a for candidate, a in scored if candidate == q)
