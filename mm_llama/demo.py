@@ -66,8 +66,9 @@ def _gradio():
     return gradio
 
 
-def _write_examples(folder: Path, n: int = 3) -> list[dict]:
-    """`n` shapes-world scenes as PNGs in `folder`, with a question each: [{"text": question, "files": [png path]}].
+def _write_examples(folder: Path, n: int = 3, clips: int = 0) -> list[dict]:
+    """`n` shapes-world scenes as PNGs in `folder`, with a question each, then `clips` clips as mp4s with a question
+    that needs time each (what happens, or in what order): [{"text": question, "files": [file path]}].
 
     The one place the demo draws shapes-world images (the synth_image API is still moving)."""
     from mm_llama.data.synth_image import image_sample
@@ -80,6 +81,30 @@ def _write_examples(folder: Path, n: int = 3) -> list[dict]:
         path = folder / f"shapes-{i}.png"
         path.write_bytes(sample["png"])
         examples.append({"text": json.loads(sample["json"])["question"], "files": [str(path)]})
+    return examples + [example for example, _ in clip_examples(folder, clips)]
+
+
+def clip_examples(folder: Path, n: int) -> list[tuple[dict, str]]:
+    """`n` clips written to `folder`, each with a question of the next type of ("motion", "colour change",
+    "disappearance") that needs time: [({"text": question, "files": [mp4 path]}, the right answer)]."""
+    from mm_llama.data.world_clips import random_clip
+    from mm_llama.data.world_time import time_question
+    from mm_llama.data.world_video import encode_mp4, render_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    examples = []
+    while len(examples) < n:
+        qtype = ("motion", "colour change", "disappearance")[len(examples) % 3]
+        clip = random_clip(rng)
+        try:
+            qa, _ = time_question(clip, rng, "train", qtype)
+        except InputError:  # this clip has no such event: draw another
+            continue
+        video = render_clip(clip, rng)
+        path = folder / f"clip-{len(examples)}.mp4"
+        path.write_bytes(encode_mp4(video.frames, video.fps))
+        examples.append(({"text": qa.question, "files": [str(path)]}, qa.answer))
     return examples
 
 
@@ -204,8 +229,9 @@ def build_demo(assistant: Assistant, *, examples: list[dict] | None = None, max_
 
     Args:
         assistant: an `mm_llama.api.Assistant`.
-        examples: clickable inputs [{"text": question, "files": [image path]}] (`_write_examples`); the files of a
-            text-only model's examples are dropped.
+        examples: clickable inputs [{"text": question, "files": [image or video path]}] (`_write_examples`); the
+            files of a text-only model's examples are dropped, and so are the examples with a video for a model
+            without a video adapter.
         max_upload_mb, max_pixels, max_new_tokens: as for `chat_fn`.
         title: the page's heading.
     Returns:
@@ -213,9 +239,11 @@ def build_demo(assistant: Assistant, *, examples: list[dict] | None = None, max_
     """
     gr = _gradio()
     sees_images = assistant.model.config.vision is not None
+    sees_videos = assistant.model.config.video_adapter is not None
+    if examples and not sees_videos:
+        examples = [e for e in examples if not any(Path(f).suffix == ".mp4" for f in e["files"])]
     if examples and not sees_images:
         examples = [{"text": e["text"], "files": []} for e in examples]
-    sees_videos = assistant.model.config.video_adapter is not None
     what = ("Upload an image or a video (the paper clip, or drop it on the box) and ask about it." if sees_videos
             else "Upload an image (the paper clip, or drop it on the box) and ask about it." if sees_images
             else "This model answers text only.")
@@ -321,7 +349,8 @@ def launch(checkpoint: str | Path | None = None, *, host: str = "127.0.0.1", por
     with (_sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="mm-llama-demo-") as private,
           _private_uploads(Path(private) / "uploads")):
         examples_dir = Path(private) / "examples"
-        demo = build_demo(assistant, examples=_write_examples(examples_dir), max_upload_mb=max_upload_mb,
+        clips = 2 if assistant.model.config.video_adapter is not None else 0
+        demo = build_demo(assistant, examples=_write_examples(examples_dir, clips=clips), max_upload_mb=max_upload_mb,
                           max_new_tokens=max_new_tokens)
         try:
             _, url, _ = demo.launch(

@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import make_clip, make_video_model
 from mm_llama.api import Assistant
-from mm_llama.demo import TEXT_ONLY, _write_examples, build_demo, chat_fn, launch
+from mm_llama.demo import TEXT_ONLY, _write_examples, build_demo, chat_fn, clip_examples, launch
 from mm_llama.errors import InputError, MMLlamaError
 
 QUESTION = "How many shapes are there?"
@@ -231,14 +231,6 @@ def server(tmp_path_factory):
     yield from serve(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def video_server(tmp_path_factory):
-    """`mm-llama demo --checkpoint M`, M a small random video model (`make_video_model`); yields (URL, M)."""
-    model = make_video_model(tmp_path_factory.mktemp("video-model") / "model")
-    for url in serve(tmp_path_factory, "--checkpoint", str(model)):
-        yield url, model
-
-
 def serve(tmp_path_factory, *args: str):
     """Run `mm-llama demo *args` as `server` says; yields its URL once, then checks how it ended."""
     cwd, tmp = tmp_path_factory.mktemp("demo-cwd"), tmp_path_factory.mktemp("demo-tmp")
@@ -315,7 +307,8 @@ def test_the_page_in_a_browser(server, held_out_scene, tmp_path):
             assert " ".join(send(QUESTION, str(scene_png)).split()) == truth  # the embedded model is right
             shown = send("What is this?", corrupt_png(tmp_path))
             assert "corrupt.png cannot be read as an image: it is corrupt, truncated" in shown
-            assert "is not an image this demo reads" in send("And this?", write(tmp_path / "notes.txt", b"hi"))
+            shown = send("And this?", write(tmp_path / "notes.txt", b"hi"))  # the embedded model takes both media
+            assert "notes.txt is not a file this demo reads; upload a PNG, JPEG" in shown and "MP4, MOV" in shown
             assert "too-large.png is 0.3 MB, over the upload limit" in send("And this?", too_large)
             # Over gradio's own ceiling the upload never starts: gradio's error toast, nothing in the chat.
             n = answers.count()
@@ -329,16 +322,22 @@ def test_the_page_in_a_browser(server, held_out_scene, tmp_path):
     assert not elsewhere, f"the page asked for something other than the demo: {elsewhere}"
 
 
-def test_a_video_question_in_a_browser(video_server, tmp_path):
-    """A clip uploaded on the page of a video model: the answer shown is `Assistant.ask`'s for the same clip."""
+def test_a_video_question_in_a_browser(server):
+    """A held-out clip uploaded on the embedded model's page, with a question that needs time: the page shows the
+    right answer, `Assistant.ask`'s for the same clip."""
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
     from playwright.sync_api import expect, sync_playwright
 
-    url, model = video_server
-    clip = make_clip(tmp_path / "clip.mp4", seed=3)
-    expected = Assistant.from_pretrained(model, dtype=torch.float32).ask("What appears?", video=clip)
+    from mm_llama.evaluation.tasks import suite_tasks
+
+    url = server
+    item = suite_tasks("shapes", ["video-qa"])[0].items(1, seed=2)[0]  # the blue square moves right
+    assert (item.qtype, item.answer) == ("motion", "The blue square moves to the right.")
+    clip = item.video
+    expected = Assistant.from_pretrained("demo", dtype=torch.float32).ask(item.question, video=clip)
+    assert expected == item.answer
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         try:
@@ -347,7 +346,7 @@ def test_a_video_question_in_a_browser(video_server, tmp_path):
             answers, textbox = page.locator("[data-testid=bot]"), page.locator("textarea")
             page.locator("input[type=file]").set_input_files(str(clip))
             expect(page.locator("[aria-label='File thumbnail']")).to_have_count(1)
-            textbox.fill("What appears?")
+            textbox.fill(item.question)
             textbox.press("Enter")
             expect(answers).to_have_count(1, timeout=60_000)
             expect(textbox).to_be_editable(timeout=60_000)
@@ -390,3 +389,19 @@ def test_example_images_are_shapes_world_pngs(tmp_path):
         (path,) = example["files"]
         assert Path(path).parent == tmp_path
         assert Image.open(io.BytesIO(Path(path).read_bytes())).mode == "RGB"
+
+
+def test_example_clips_ask_what_happens_and_the_embedded_model_answers_them(assistant, tmp_path):
+    from mm_llama.data.video import clip_frames
+
+    examples = _write_examples(tmp_path, n=1, clips=2)
+    assert len(examples) == 3 and [Path(e["files"][0]).suffix for e in examples] == [".png", ".mp4", ".mp4"]
+    clips = clip_examples(tmp_path / "again", 3)  # the same clips and questions, with their answers, and one more
+    assert [e["text"] for e, _ in clips[:2]] == [e["text"] for e in examples[1:]]
+    demo_model = Assistant.from_pretrained("demo", dtype=torch.float32)
+    for example, answer in clips:  # a move, a colour change and a disappearance, answered right
+        frames = clip_frames(Path(example["files"][0]).read_bytes(), 16, 84, 1)
+        assert frames.shape == (16, 84, 84, 3)
+        assert demo_model.ask(example["text"], video=example["files"][0]) == answer, example
+    # A model without a video adapter is not offered the clips.
+    assert [e["text"] for e in build_demo(assistant, examples=examples).examples] == [examples[0]["text"]]

@@ -206,6 +206,31 @@ def test_cast_frozen_keeps_trainables_fp32_and_buffers_untouched():
     assert {name: b.dtype for name, b in model.named_buffers()} == buffers
 
 
+def test_lr_scales_multiply_the_named_parameters_learning_rate_and_refuse_unknown_names():
+    from mm_llama.errors import ConfigError
+    from mm_llama.llama import Llama, LlamaConfig
+    from mm_llama.train.loop import TrainConfig, build_optimizer, set_lr
+
+    model = Llama(LlamaConfig.preset("debug"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.0, lr_scales={"layers.0.attention.wq.weight": 30.0, "norm.weight": 5})
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    set_lr(optimizer, 1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    # Adam's first step moves every element by lr (gradient / sqrt(gradient^2)): the scale multiplies it.
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
+    assert moved["layers.0.attention.wq.weight"] == pytest.approx(30e-3, rel=1e-4)
+    assert moved["layers.1.attention.wq.weight"] == pytest.approx(1e-3, rel=1e-4)
+    assert moved["norm.weight"] == pytest.approx(5e-3, rel=1e-4)  # "norm.weight" is the final norm's name
+    assert moved["layers.0.attention_norm.weight"] == pytest.approx(1e-3, rel=1e-4)
+    with pytest.raises(ConfigError, match=r"lr_scales names \['moment_mix'\], which no trainable parameter"):
+        build_optimizer(model, TrainConfig(lr_scales={"moment_mix": 30.0}), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"lr_scales\['wq.weight'\] must be a finite number > 0, got -1"):
+        TrainConfig(lr_scales={"wq.weight": -1})
+
+
 def test_assistant_weight_flags_exactly_the_assistant_messages_and_weighs_their_loss(corpus, tmp_path):
     from mm_llama.data.text import _PadRows, _TokenRow
     from mm_llama.tokenizer import Tokenizer

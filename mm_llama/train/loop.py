@@ -49,6 +49,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 100
     weight_decay: float = 0.1  # matrices only; norms, biases and gates are not decayed
+    # Parameter name or its end on a dot ("moment_mix", "wq.weight") -> multiplier of the learning rate, warm-up and
+    # cosine included. For a few parameters that must travel far in few steps (the video blocks' moment mix: issue 11).
+    lr_scales: dict[str, float] = field(default_factory=dict)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -78,6 +81,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not (is_finite_number(value) and accepts(value)):
                 bad.append(f"{name} must be a finite number {text}, got {value!r}")
+        if not isinstance(self.lr_scales, dict):
+            bad.append(f"lr_scales must be a mapping of parameter name to multiplier, got {self.lr_scales!r}")
+        else:
+            bad += [f"lr_scales[{name!r}] must be a finite number > 0, got {scale!r}"
+                    for name, scale in self.lr_scales.items()
+                    if not isinstance(name, str) or not (is_finite_number(scale) and scale > 0)]
         if problem := device_problem(self.device, "device"):
             bad.append(problem)
         if bad:
@@ -141,13 +150,34 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    if not decay and not no_decay:
+    """AdamW over the trainable parameters: matrices decayed, the rest not; each group's `lr_scale` multiplies the
+    schedule's learning rate (`cfg.lr_scales`; `set_lr`)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
         raise TrainingError("the stage has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def scale(name: str) -> float:
+        hits = [key for key in cfg.lr_scales if name == key or name.endswith("." + key)]
+        if len(hits) > 1:
+            raise ConfigError(f"train.lr_scales: {hits} all name parameter {name}; give one")
+        return float(cfg.lr_scales[hits[0]]) if hits else 1.0
+
+    if unknown := [key for key in cfg.lr_scales if not any(n == key or n.endswith("." + key) for n, _ in trainable)]:
+        raise ConfigError(f"train.lr_scales names {unknown}, which no trainable parameter is called (e.g. "
+                          f"{', '.join(name for name, _ in trainable[:3])})")
+    by_group: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in trainable:
+        by_group.setdefault((p.dim() >= 2, scale(name)), []).append(p)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+              for (decay, scale), params in sorted(by_group.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     fused = device.type == "cuda" and not cfg.cpu_offload
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's `lr` into every group, times the group's `lr_scale` (`build_optimizer`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
 
 
 def train(stage: Stage, cfg: TrainConfig, *, config_yaml: str = "", resume: bool = False,
@@ -227,7 +257,10 @@ def _train(stage: Stage, cfg: TrainConfig, config_yaml: str, resume: bool, runti
             raise TrainingError(f"{previous}: its weights {sorted(set(weights) ^ set(trainable))[:5]} do not match "
                                 "this stage's trainable parameters")
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        scales = [group["lr_scale"] for group in optimizer.param_groups]
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        for group, scale in zip(optimizer.param_groups, scales, strict=True):  # this run's, not the checkpoint's
+            group["lr_scale"] = scale
         step, data_position = state["step"], state["data_position"]
         set_rng_states(state["rng"][runtime.rank])
         schedule, notes = _resumed_schedule(cfg, state.get("schedule_steps", cfg.steps))
@@ -292,8 +325,7 @@ def _train(stage: Stage, cfg: TrainConfig, config_yaml: str, resume: bool, runti
                 local_targets = sum(stage.n_targets(b) for b in micro)
                 targets, skipped = runtime.all_sum([local_targets, sum(b.get("skipped", 0) for b in micro)])
                 lr = lr_at(step, schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
                 for batch in micro:
                     with autocast:
