@@ -110,9 +110,10 @@ def run_mm_llama(*args, timeout: float = 300) -> subprocess.CompletedProcess:
                           env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
 
 
-def make_video_model(path: Path) -> Path:
+def make_video_model(path: Path, *, video: bool = True) -> Path:
     """A small random model with a video adapter (open gates: the clip matters) in mm-llama's format, with the shapes
-    world's tokenizer: 4 trunk layers, the debug ViT at one 84-px tile, 2 image blocks, 4 frames in 2 groups."""
+    world's tokenizer: 4 trunk layers, the debug ViT at one 84-px tile, 2 image blocks, 4 frames in 2 groups; with
+    `video` False, the same without the video adapter (an image model)."""
     import shutil
 
     from adapters.cross_attention import CrossAttentionConfig
@@ -128,7 +129,7 @@ def make_video_model(path: Path) -> Path:
     config = MMConfig(trunk=LlamaConfig.preset("debug", vocab_size=vocab, n_layers=4),
                       vision=VisionConfig.preset("debug", max_tiles=1, tile_size=84),
                       image_adapter=CrossAttentionConfig(n_layers=2),
-                      video_adapter=VideoAdapterConfig(n_frames=4, group=2, gate_init=0.5))
+                      video_adapter=VideoAdapterConfig(n_frames=4, group=2, gate_init=0.5) if video else None)
     torch.manual_seed(0)
     save_mmllama(randomize_(MMLlama(config), seed=1), path)
     shutil.copy(WORLD_TOKENIZER, path / "tokenizer.model")

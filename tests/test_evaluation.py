@@ -11,6 +11,7 @@ from conftest import run_mm_llama
 from mm_llama.cli import main
 from mm_llama.data.world import split_of_scene, split_of_sentence
 from mm_llama.data.world_language import QUESTION_TYPES, captions, questions
+from mm_llama.data.world_time import TIME_QUESTION_TYPES
 from mm_llama.errors import InputError
 from mm_llama.evaluation.runner import evaluate
 from mm_llama.evaluation.tasks import SUITES, suite_tasks
@@ -160,16 +161,18 @@ def test_command_prints_the_table_and_writes_json(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["checkpoint"] == "demo" and (data["suite"], data["seed"], data["n_per_type"]) == ("shapes", 0, 1)
-    rows = [re.split(r"\s{2,}", line.strip()) for line in result.stdout.splitlines()[2:18]]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in result.stdout.splitlines()[2:34]]
     expected = []
-    for task in ("text-qa", "image-qa"):
+    for task, types_asked in (("text-qa", QUESTION_TYPES), ("image-qa", QUESTION_TYPES),
+                              ("video-qa", TIME_QUESTION_TYPES), ("video-qa-shuffled", TIME_QUESTION_TYPES)):
         types = data["tasks"][task]["types"]
-        assert list(types) == list(QUESTION_TYPES) and all(v["n"] == 1 for v in types.values())
+        assert list(types) == list(types_asked) and all(v["n"] == 1 for v in types.values())
         for qtype, v in [*types.items(), ("all", data["tasks"][task])]:
-            expected.append([task, qtype, str(v["n"]), str(v["correct"]), f"{100 * v['accuracy']:.1f} %"])
+            chance = [f"{100 * v['chance']:.1f} %"] if task.startswith("video") else []  # the order-blind model's
+            expected.append([task, qtype, str(v["n"]), str(v["correct"]), f"{100 * v['accuracy']:.1f} %", *chance])
     assert rows == expected
     overall = data["overall"]
-    assert overall["n"] == 14 and overall["correct"] == sum(t["correct"] for t in data["tasks"].values())
+    assert overall["n"] == 28 and overall["correct"] == sum(t["correct"] for t in data["tasks"].values())
 
 
 def test_command_errors_are_one_line_before_loading(tmp_path, capsys):
