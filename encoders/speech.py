@@ -79,6 +79,17 @@ SPEECH_ENCODER_PRESETS: dict[str, dict] = {
 }
 
 
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """RoPE's inverse frequencies (Hd/2,) fp32, for `mm_llama.llama.rope_table`."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+
+
+def padding_masks(lengths: torch.Tensor, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) lengths of n-frame rows -> the attention's key mask (B, 1, 1, n) bool and the frames' (B, n, 1) 0/1."""
+    real = torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]  # (B, n)
+    return real[:, None, None, :], real[..., None].to(dtype)
+
+
 def encoder_lengths(mel_lengths: torch.Tensor, stack: int = 4) -> torch.Tensor:
     """Encoder frames of utterances of `mel_lengths` mel frames: ceil(T / stack)."""
     return (mel_lengths + stack - 1) // stack
@@ -98,15 +109,16 @@ class FeedForward(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Pre-LayerNorm rotary self-attention over the utterance's real frames (padded keys masked)."""
+    """Pre-LayerNorm rotary self-attention over the utterance's real frames (padded keys masked); also the speech
+    adapter's."""
 
-    def __init__(self, c: SpeechEncoderConfig):
+    def __init__(self, dim: int, n_heads: int, norm_eps: float, dropout: float = 0.0):
         super().__init__()
-        self.n_heads, self.head_dim = c.n_heads, c.head_dim
-        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
-        self.wqkv = nn.Linear(c.dim, 3 * c.dim)
-        self.wo = nn.Linear(c.dim, c.dim)
-        self.dropout = nn.Dropout(c.dropout)
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.wqkv = nn.Linear(dim, 3 * dim)
+        self.wo = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """x (B, S, D), rope (S, Hd/2, 2), key_mask (B, 1, 1, S) True for real frames."""
@@ -143,7 +155,7 @@ class ConformerLayer(nn.Module):
 
     def __init__(self, c: SpeechEncoderConfig):
         super().__init__()
-        self.ffn1, self.attention = FeedForward(c), SelfAttention(c)
+        self.ffn1, self.attention = FeedForward(c), SelfAttention(c.dim, c.n_heads, c.norm_eps, c.dropout)
         self.conv, self.ffn2 = ConvModule(c), FeedForward(c)
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
 
@@ -163,9 +175,7 @@ class SpeechEncoder(nn.Module):
         self.config = config
         self.input_projection = nn.Linear(config.stack * config.n_mels, config.dim)
         self.layers = nn.ModuleList(ConformerLayer(config) for _ in range(config.n_layers))
-        hd = config.head_dim
-        self.register_buffer("inv_freq", 1.0 / config.rope_theta ** (torch.arange(0, hd, 2).float() / hd),
-                             persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
 
     def stacked(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T, n_mels) -> (B, S, stack · n_mels), frames past each length zeroed first (so the last, partial group
@@ -184,9 +194,8 @@ class SpeechEncoder(nn.Module):
             raise ValueError(f"speech encoder lengths must be (B,) in 1..{mel.shape[1]}, got {lengths.tolist()}")
         out_lengths = encoder_lengths(lengths, self.config.stack).to(mel.device)
         x = self.input_projection(self.stacked(mel, lengths))  # (B, S, D)
-        S = x.shape[1]
-        real = torch.arange(S, device=x.device)[None, :] < out_lengths[:, None]  # (B, S)
-        rope = rope_table(torch.arange(S, device=x.device), self.inv_freq)
+        key_mask, real = padding_masks(out_lengths, x.shape[1], x.dtype)
+        rope = rope_table(torch.arange(x.shape[1], device=x.device), self.inv_freq)
         for layer in self.layers:
-            x = layer(x, rope, real[:, None, None, :], real[..., None].to(x.dtype))
+            x = layer(x, rope, key_mask, real)
         return x, out_lengths
