@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a stage (torchrun-launchable)",
                            description="Any further --section.key=value overrides the YAML config.")
-    train.add_argument("stage", help="lm, vision-pretrain, image-adapter or video-adapter")
+    train.add_argument("stage", help="lm, vision-pretrain, image-adapter, video-adapter or speech-pretrain")
     train.add_argument("--config", help="stage YAML (configs/...)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of train.out_dir")
     train.set_defaults(func=cmd_train)

@@ -49,11 +49,13 @@ __all__ = ["BadSample", "ShardBatches", "ShardSamples", "SkipCounter", "check_ra
            "iterate_batches", "shard_config_problems"]
 
 
-def shard_config_problems(config: object, minimums: dict[str, int]) -> list[str]:
-    """What is wrong with the fields every shard-reading data config has (shards, tokenizer, resampled,
-    max_skip_fraction) and with the integer fields named in `minimums` (name -> smallest allowed value)."""
+def shard_config_problems(config: object, minimums: dict[str, int],
+                          paths: tuple[str, ...] = ("shards", "tokenizer")) -> list[str]:
+    """What is wrong with the fields every shard-reading data config has (the `paths`: shards and, for text,
+    tokenizer; resampled, max_skip_fraction) and with the integer fields named in `minimums` (name -> smallest
+    allowed value)."""
     problems = []
-    for name in ("shards", "tokenizer"):
+    for name in paths:
         if not isinstance(getattr(config, name), str) or not getattr(config, name):
             problems.append(f"data.{name} must be a non-empty path, got {getattr(config, name)!r}")
     for name, low in minimums.items():
