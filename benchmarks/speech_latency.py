@@ -1,0 +1,113 @@
+"""The speech path's speed (DESIGN §8: 1B conformer + adapter, 60 s of audio, ≤ 25 ms at batch 1 and ≥ 1000× real
+time batched), with torchaudio's `Conformer` of the same size run side by side as the peer.
+
+    python benchmarks/speech_latency.py --json speech.json                     # GPU: paper sizes, bf16
+    python benchmarks/speech_latency.py --preset debug --seconds 5 --batch 2   # CPU smoke run
+
+Rows (median of --repeats after --warmup, CUDA-synchronised; the inputs are log-mel frames already on the device):
+    ours, batch 1        `SpeechEncoder` ("paper": 24 layers, 1536 wide, 24 rotary heads, FFN 4096, kernel 7) +
+                         `SpeechAdapter` (conv k3 s2 to 3072, one layer, to the 8B trunk's 4096) on one utterance
+    peer, batch 1        torchaudio.models.Conformer at the same sizes (BatchNorm in its conv module, no rotary
+                         position, no adapter) behind the same 320 -> 1536 stacking projection
+    ours / peer, batch B the same on B utterances of the same length
+"x real time" is audio seconds per wall second; "ratio" is the peer's time over ours (> 1: ours is faster). The log-mel
+front end (`encoders.audio.log_mel`) is timed on its own row, on the device of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torchaudio
+
+from adapters.speech import SpeechAdapter, SpeechAdapterConfig
+from encoders.audio import SAMPLE_RATE, log_mel
+from encoders.speech import SpeechEncoder, SpeechEncoderConfig
+
+
+class Peer(torch.nn.Module):
+    """torchaudio's Conformer at our encoder's sizes, behind the same stacking and projection."""
+
+    def __init__(self, c: SpeechEncoderConfig):
+        super().__init__()
+        self.stack = c.stack
+        self.input_projection = torch.nn.Linear(c.stack * c.n_mels, c.dim)
+        self.conformer = torchaudio.models.Conformer(input_dim=c.dim, num_heads=c.n_heads, ffn_dim=c.ffn_dim,
+                                                     num_layers=c.n_layers, depthwise_conv_kernel_size=c.conv_kernel)
+
+    def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T, n = mel.shape
+        x = self.input_projection(mel[:, : T // self.stack * self.stack].reshape(B, -1, self.stack * n))
+        return self.conformer(x, lengths // self.stack)[0]
+
+
+def timed(fn, repeats: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup`."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="paper", help="speech encoder preset (paper, debug)")
+    parser.add_argument("--trunk-dim", type=int, default=4096, help="the adapter's output width (8B: 4096)")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--batch", type=int, default=32, help="utterances in the batched rows")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = SpeechEncoderConfig.preset(args.preset)
+    adapter_config = SpeechAdapterConfig() if args.preset == "paper" else SpeechAdapterConfig(
+        in_dim=config.dim, dim=config.dim, n_heads=config.n_heads, ffn_dim=config.ffn_dim)
+    torch.manual_seed(0)
+    encoder = SpeechEncoder(config).to(device, dtype).eval()
+    adapter = SpeechAdapter(adapter_config, args.trunk_dim).to(device, dtype).eval()
+    peer = Peer(config).to(device, dtype).eval()
+    n = int(args.seconds * SAMPLE_RATE)
+    wave = torch.randn(n, device=device) * 0.1
+    rows = []
+
+    with torch.inference_mode():
+        seconds = timed(lambda: log_mel(wave), args.repeats, args.warmup, device)
+        rows.append({"row": "log-mel, batch 1", "ms": seconds * 1e3, "x_real_time": args.seconds / seconds})
+        mel = log_mel(wave)[0].to(dtype)  # (1, T, 80)
+        for batch in (1, args.batch):
+            x = mel.expand(batch, -1, -1).contiguous()
+            lengths = torch.full((batch,), mel.shape[1], device=device)
+            ours = timed(lambda x=x, lengths=lengths: adapter(*encoder(x, lengths)), args.repeats, args.warmup, device)
+            theirs = timed(lambda x=x, lengths=lengths: peer(x, lengths), args.repeats, args.warmup, device)
+            for name, s in (("ours", ours), ("peer", theirs)):
+                rows.append({"row": f"{name}, batch {batch}", "ms": s * 1e3, "x_real_time": batch * args.seconds / s,
+                             "ratio": theirs / s if name == "ours" else None})
+    params = {"encoder": sum(p.numel() for p in encoder.parameters()),
+              "adapter": sum(p.numel() for p in adapter.parameters()),
+              "peer": sum(p.numel() for p in peer.parameters())}
+    print(f"{device} {dtype}, {args.seconds:g} s of audio, preset {args.preset}, parameters {params}")
+    for r in rows:
+        ratio = f"  ratio {r['ratio']:.2f}" if r.get("ratio") else ""
+        print(f"{r['row']:<18} {r['ms']:9.2f} ms  {r['x_real_time']:10.0f} x real time{ratio}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "dtype": str(dtype), "seconds": args.seconds, "params": params,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
