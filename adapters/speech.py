@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from encoders.speech import SelfAttention, padding_masks, rope_inv_freq
+from encoders.speech import SelfAttention, check_heads_and_kernel, padding_masks, rope_inv_freq
 from mm_llama.errors import ConfigError
 from mm_llama.llama import FeedForward, rope_table
 
@@ -42,11 +42,7 @@ class SpeechAdapterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"speech adapter {name} must be a positive integer, got {value!r}")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ConfigError(f"speech adapter dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of an "
-                              "even width (rotary pairs)")
-        if self.conv_kernel % 2 == 0:
-            raise ConfigError(f"speech adapter conv_kernel must be odd (a centred window), got {self.conv_kernel}")
+        check_heads_and_kernel("speech adapter", self.dim, self.n_heads, self.conv_kernel)
 
 
 def adapter_lengths(encoder_lengths: torch.Tensor, config: SpeechAdapterConfig) -> torch.Tensor:

@@ -46,11 +46,7 @@ class SpeechEncoderConfig:
             value = getattr(self, f.name)
             if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"speech encoder {f.name} must be a positive integer, got {value!r}")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ConfigError(f"speech encoder dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of an "
-                              "even width (rotary pairs)")
-        if self.conv_kernel % 2 == 0:
-            raise ConfigError(f"speech encoder conv_kernel must be odd (a centred window), got {self.conv_kernel}")
+        check_heads_and_kernel("speech encoder", self.dim, self.n_heads, self.conv_kernel)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"speech encoder dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -69,6 +65,16 @@ class SpeechEncoderConfig:
         if unknown:
             raise ConfigError(f"unknown speech encoder key(s) {unknown}; known keys: {[f.name for f in fields(cls)]}")
         return cls(**values)
+
+
+def check_heads_and_kernel(what: str, dim: int, n_heads: int, conv_kernel: int) -> None:
+    """ConfigError unless `dim` splits into `n_heads` heads of an even width (rotary pairs) and `conv_kernel` is odd
+    (a centred window): the encoder's and the adapter's shared constraints."""
+    if dim % n_heads or (dim // n_heads) % 2:
+        raise ConfigError(f"{what} dim ({dim}) must split into n_heads ({n_heads}) heads of an even width (rotary "
+                          "pairs)")
+    if conv_kernel % 2 == 0:
+        raise ConfigError(f"{what} conv_kernel must be odd (a centred window), got {conv_kernel}")
 
 
 SPEECH_ENCODER_PRESETS: dict[str, dict] = {
