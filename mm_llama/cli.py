@@ -4,7 +4,7 @@
     mm-llama convert --input DIR --output DIR [--to meta|hf|ours] [--shards N]
     mm-llama export --checkpoint DIR --out DIR [--trunk DIR]   # self-contained copy of an adapter checkpoint
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
-    mm-llama data synth --kind text|image|video --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
+    mm-llama data synth --kind text|image|video|speech --out DIR --n N [--seed S] [--split train|heldout] [--size PX]
                         [--questions Q] [--type-weights TYPE=W,...] [--time-share F]
     mm-llama data pack --kind text|image|video|speech --input LIST.jsonl --out DIR
     mm-llama eval [--checkpoint DIR] --suite shapes [--n-per-type N] [--seed S] [--task NAME ...] [--json FILE]
@@ -85,6 +85,15 @@ def cmd_data(args: argparse.Namespace) -> None:
                 raise InputError(f"--questions {args.questions} applies to --kind image or video (a text "
                                  "sample's questions follow its own kind)")
             shards = synth_text(Path(args.out), args.n, **common)
+        elif args.kind == "speech":
+            from mm_llama.data.synth_speech import synth_speech
+
+            for flag, value in (("--size", args.size), ("--questions", args.questions),
+                                ("--type-weights", args.type_weights)):
+                if value is not None:
+                    raise InputError(f"{flag} {value} applies to --kind image or video (speech samples are one "
+                                     "spoken sentence each)")
+            shards = synth_speech(Path(args.out), args.n, **common)
         elif args.kind == "video":
             from mm_llama.data.synth_video import QUESTIONS_PER_CLIP, TIME_SHARE, synth_video
             from mm_llama.data.world_draw import DEFAULT_SIZE
@@ -234,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="write webdataset shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="generate shapes-world shards")
-    synth.add_argument("--kind", required=True, choices=["text", "image", "video"], help="what to generate")
+    synth.add_argument("--kind", required=True, choices=["text", "image", "video", "speech"],
+                       help="what to generate (speech: espeak-ng reading the world's questions and captions)")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--n", type=int, required=True, help="number of samples")
     synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same shards")
