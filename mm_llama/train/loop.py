@@ -156,18 +156,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     if not trainable:
         raise TrainingError("the stage has no trainable parameters")
 
-    def scale(name: str) -> float:
+    by_group: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    used: set[str] = set()
+    for name, p in trainable:
         hits = [key for key in cfg.lr_scales if name == key or name.endswith("." + key)]
         if len(hits) > 1:
             raise ConfigError(f"train.lr_scales: {hits} all name parameter {name}; give one")
-        return float(cfg.lr_scales[hits[0]]) if hits else 1.0
-
-    if unknown := [key for key in cfg.lr_scales if not any(n == key or n.endswith("." + key) for n, _ in trainable)]:
+        used.update(hits)
+        by_group.setdefault((p.dim() >= 2, float(cfg.lr_scales[hits[0]]) if hits else 1.0), []).append(p)
+    if unknown := [key for key in cfg.lr_scales if key not in used]:
         raise ConfigError(f"train.lr_scales names {unknown}, which no trainable parameter is called (e.g. "
                           f"{', '.join(name for name, _ in trainable[:3])})")
-    by_group: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for name, p in trainable:
-        by_group.setdefault((p.dim() >= 2, scale(name)), []).append(p)
     groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
               for (decay, scale), params in sorted(by_group.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     fused = device.type == "cuda" and not cfg.cpu_offload
