@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("recipe", choices=["demo"],
                         help="demo: the embedded shapes-world model (lm -> image-adapter -> video-adapter)")
     recipe.add_argument("--out", required=True, help="run folder: data, each stage's checkpoints, model/, eval.json")
-    recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (16 minutes "
-                        "on one H200); tiny: every step with a handful of training steps (a CPU minute)")
+    recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (about 25 "
+                        "minutes on one H200); tiny: every step with a handful of training steps (a CPU minute)")
     recipe.add_argument("--no-eval", action="store_true", help="skip the final mm-llama eval --suite shapes")
     recipe.add_argument("--image-model", help="build on this trained image model (a checkpoint directory with an image "
                         "adapter, or 'demo') instead of training one: only the video steps, the model and the eval run")

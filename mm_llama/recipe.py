@@ -49,7 +49,8 @@ class Size:
 
 
 SIZES = {
-    # The shipped model: 16 minutes on one H200, measured (README and issue 10's note have each step's time).
+    # The shipped model: about 25 minutes on one H200, measured in two runs (16 min for data, lm and image-adapter;
+    # 9 min for the video steps), each step's time in the README and the notes of issues 10 and 11.
     "full": Size(n_text=100_000, n_image=60_000, n_video=20_000, eval_per_type=50),
     # CI on 2 CPU cores: every step of the full recipe on the real configs, with a handful of steps.
     "tiny": Size(n_text=400, n_image=300, n_video=24, eval_per_type=1, overrides={

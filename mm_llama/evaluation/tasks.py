@@ -12,8 +12,9 @@ tasks to `SUITES["shapes"]`, a line to `MEDIA` and a field to `EvalItem`; the ru
                the frames answers at chance (`world_time`: "Which way does the triangle move?", "What colour is the
                circle at the end?" when it changes colour); the report's chance column is that model's accuracy
     video-qa-shuffled  the same clips and questions, the clip cut to the 16 frames the sampler takes, in a shuffled
-               order: a model that reads time falls to chance here (issue 11's proof), one that reads a bag of
-               frames could not have beaten it on video-qa
+               order: a model that reads time falls to chance or below here (a false order gives false answers:
+               the shipped model scores 35 % against a chance of 50 %), while one that reads a bag of frames could
+               not have beaten chance on video-qa
 """
 
 from __future__ import annotations
