@@ -108,3 +108,21 @@ def test_only_masked_frames_are_scored(speech_shards, tmp_path):
     targets = batch["targets"]
     assert 0 < int(targets.sum()) < targets.numel() and stage.n_targets(batch) == int(targets.sum()) * 4
     assert bool((grad[~targets] == 0).all()) and bool((grad[targets] > 0).all())
+
+
+def test_an_utterance_over_a_minute_is_cropped_to_6000_frames_the_same_way_every_pass(tmp_path):
+    import numpy as np
+    import soundfile
+
+    rate = 22_050
+    wave = np.sin(np.arange(75 * rate) * 2 * np.pi * np.linspace(100, 2000, 75 * rate) / rate).astype(np.float32)
+    soundfile.write(tmp_path / "long.flac", 0.3 * wave, rate)
+    (tmp_path / "list.jsonl").write_text(json.dumps({"audio": "long.flac", "text": "a rising tone"}) + "\n")
+    pack("speech", tmp_path / "list.jsonl", tmp_path / "shards")
+    config = SpeechDataConfig(shards=str(tmp_path / "shards"), batch_size=1, shuffle_buffer=0, resampled=False)
+    first, again = (next(SpeechBatches(config).batches()) for _ in range(2))
+    assert first["lengths"].tolist() == [6000] and first["mel"].shape == (1, 6000, 80)  # §8.3.1: 60 s, 6,000 frames
+    assert torch.equal(first["mel"], again["mel"])
+    # The offset comes from (seed, sample key): another seed crops another minute of the rising tone.
+    other = SpeechDataConfig(shards=str(tmp_path / "shards"), batch_size=1, shuffle_buffer=0, resampled=False, seed=1)
+    assert not torch.equal(first["mel"], next(SpeechBatches(other).batches())["mel"])

@@ -17,6 +17,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import soundfile
 import torch
 
@@ -64,17 +65,19 @@ class SpeechDataConfig:
             raise ConfigError("invalid SpeechDataConfig: " + "; ".join(problems))
 
 
-def _read(data: bytes, name: str) -> torch.Tensor:
-    """An audio member's bytes -> (n,) float32 at 16 kHz; InputError when it does not decode or is not finite."""
+def _read(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """An audio member's bytes -> (samples (n, channels) float32, rate) at the file's own rate; InputError when it
+    does not decode."""
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, RuntimeError) as e:
         raise InputError(f"{name} does not decode ({e})") from None
-    return load_audio((samples, rate))
+    return samples, rate
 
 
 class _Decode:
-    """sample -> (key, audio bytes), or `BadSample` (picklable for DataLoader workers)."""
+    """sample -> (key, audio bytes), or `BadSample` (picklable for DataLoader workers). Checked at the file's own
+    rate (decodes, has finite samples, is long enough): resampling is `_Prepare`'s, once, for delivered samples."""
 
     def __init__(self, min_seconds: float):
         self.min_seconds = min_seconds
@@ -86,36 +89,37 @@ class _Decode:
             have = sorted(k for k in sample if not k.startswith("__"))
             raise BadSample(f"sample {key} has no audio member ({'/'.join(_AUDIO_MEMBERS)}; it has {have})")
         try:  # read here, so that a bad file is counted even when fast-forwarded over
-            wave = _read(sample[member], f"sample {key}'s {member}")
+            samples, rate = _read(sample[member], f"sample {key}'s {member}")
+            wave = load_audio((samples, rate), sample_rate=rate)  # its checks, no resampling
         except InputError as e:
             raise BadSample(str(e)) from None
-        if len(wave) < self.min_seconds * SAMPLE_RATE:
-            raise BadSample(f"sample {key} is {len(wave) / SAMPLE_RATE:.2f} s long, under data.min_seconds "
+        if len(wave) < self.min_seconds * rate:
+            raise BadSample(f"sample {key} is {len(wave) / rate:.2f} s long, under data.min_seconds "
                             f"({self.min_seconds:g} s)")
         return key, sample[member]
 
 
 class _Prepare:
-    """(key, bytes) -> the utterance's waveform, cropped to `max_seconds` at an offset seeded by the key."""
+    """(key, bytes) -> the utterance's 16 kHz waveform, cropped to `max_seconds` at an offset seeded by the key (the
+    crop is cut at the file's rate, before resampling: an hour-long file resamples one minute)."""
 
     def __init__(self, max_seconds: float, seed: int):
-        self.max_samples, self.seed = int(max_seconds * SAMPLE_RATE) // HOP * HOP, seed
+        self.max_seconds, self.seed = max_seconds, seed
+        self.max_samples = int(max_seconds * SAMPLE_RATE) // HOP * HOP
 
     def __call__(self, item: tuple[str, bytes]) -> torch.Tensor:
         key, data = item
-        wave = _read(data, key)
-        if len(wave) > self.max_samples:
-            start = random.Random(f"{self.seed}/{key}").randrange(len(wave) - self.max_samples + 1)
-            wave = wave[start : start + self.max_samples]
-        return wave
+        samples, rate = _read(data, key)
+        longest = math.ceil(self.max_seconds * rate)
+        if len(samples) > longest:
+            start = random.Random(f"{self.seed}/{key}").randrange(len(samples) - longest + 1)
+            samples = samples[start : start + longest]
+        return load_audio((samples, rate))[: self.max_samples]
 
 
 def _collate(waves: list[torch.Tensor]) -> dict:
     lengths = torch.tensor([len(w) for w in waves])
-    batch = torch.zeros(len(waves), int(lengths.max()))
-    for i, w in enumerate(waves):
-        batch[i, : len(w)] = w
-    mel, frames = log_mel(batch, lengths)
+    mel, frames = log_mel(torch.nn.utils.rnn.pad_sequence(waves, batch_first=True), lengths)
     return {"mel": normalize(mel, frames), "lengths": frames, "samples": len(waves)}
 
 
