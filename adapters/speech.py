@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from encoders.speech import SelfAttention, check_heads_and_kernel, padding_masks, rope_inv_freq
+from encoders.speech import SelfAttention, check_heads_and_kernel, encoder_lengths, padding_masks, rope_inv_freq
 from mm_llama.errors import ConfigError
 from mm_llama.llama import FeedForward, rope_table
+from mm_llama.values import is_finite_number
 
 
 @dataclass
@@ -36,6 +37,9 @@ class SpeechAdapterConfig:
     conv_stride: int = 2  # §8.2.1: 80 ms frames
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
+    # The longest utterance one span holds (§8.3.1 crops pre-training audio to 60 s: 750 positions). Longer audio
+    # is split into chunks of at most this length, a span each (`encoders.utterances`), never truncated.
+    max_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("in_dim", "dim", "n_heads", "ffn_dim", "conv_kernel", "conv_stride"):
@@ -43,6 +47,8 @@ class SpeechAdapterConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"speech adapter {name} must be a positive integer, got {value!r}")
         check_heads_and_kernel("speech adapter", self.dim, self.n_heads, self.conv_kernel)
+        if not is_finite_number(self.max_seconds) or self.max_seconds < 1:
+            raise ConfigError(f"speech adapter max_seconds must be a number >= 1, got {self.max_seconds!r}")
 
 
 def adapter_lengths(encoder_lengths: torch.Tensor, config: SpeechAdapterConfig) -> torch.Tensor:
@@ -50,6 +56,12 @@ def adapter_lengths(encoder_lengths: torch.Tensor, config: SpeechAdapterConfig) 
     ceil(S / 2) for the paper's kernel 3, stride 2."""
     pad = config.conv_kernel // 2
     return (encoder_lengths + 2 * pad - config.conv_kernel) // config.conv_stride + 1
+
+
+def speech_positions(mel_lengths: torch.Tensor, stack: int, config: SpeechAdapterConfig) -> torch.Tensor:
+    """Token positions of utterances of `mel_lengths` mel frames: the adapter's output length after the encoder's
+    `stack`-frame stacking (6,000 frames, 60 s -> 1,500 encoder frames -> 750 positions)."""
+    return adapter_lengths(encoder_lengths(mel_lengths, stack), config)
 
 
 class SpeechAdapter(nn.Module):
@@ -66,6 +78,11 @@ class SpeechAdapter(nn.Module):
         self.output = nn.Linear(config.dim, trunk_dim)
         self.register_buffer("inv_freq", rope_inv_freq(config.dim // config.n_heads, config.rope_theta),
                              persistent=False)
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE frequencies on the device of the weights (after loading onto the meta device)."""
+        c = self.config
+        self.inv_freq = rope_inv_freq(c.dim // c.n_heads, c.rope_theta).to(self.output.weight.device)
 
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """frames (B, S, in_dim) (`encoders.speech.SpeechEncoder`'s), lengths (B,) -> ((B, P, D), (B,))."""

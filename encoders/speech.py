@@ -183,6 +183,11 @@ class SpeechEncoder(nn.Module):
         self.layers = nn.ModuleList(ConformerLayer(config) for _ in range(config.n_layers))
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
 
+    def reset_rope(self) -> None:
+        """Recompute the RoPE frequencies on the device of the weights (after loading onto the meta device)."""
+        self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta).to(
+            self.input_projection.weight.device)
+
     def stacked(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T, n_mels) -> (B, S, stack · n_mels), frames past each length zeroed first (so the last, partial group
         of an utterance is the same alone and batched)."""

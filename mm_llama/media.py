@@ -25,6 +25,7 @@ from mm_llama.transfer import tensor_to_device
 if TYPE_CHECKING:
     from adapters.cross_attention import CrossAttentionInputs
     from encoders.image_transform import Images
+    from encoders.utterances import Utterances
     from encoders.video import Videos
 
 
@@ -62,17 +63,22 @@ class Media:
         images or uint8 arrays); each needs an `<|image|>` token in its sample's text.
     videos: the sampled, tiled clips (`encoders.video.Videos`; `Videos.prepare` makes them from paths); each needs
         a `<|video|>` token in its sample's text.
+    speech: the utterances (`encoders.utterances.Utterances`; `Utterances.prepare` makes them from paths, bytes or
+        (waveform, sample_rate)), in the order of their spans: utterance k fills the k-th `<|speech_start|>`
+        span of the batch, whose `<|speech|>` tokens must number its positions (`MMLlama.speech_positions`).
     embeddings: embeddings spliced into the token stream at given positions (`EmbeddingSpans`).
     """
 
     images: Images | None = None
     videos: Videos | None = None
+    speech: Utterances | None = None
     embeddings: EmbeddingSpans | None = None
 
     def to(self, device: torch.device | str) -> Media:
         """Every medium's tensors on `device` (what stays on the host to be read there, e.g. tile masks, stays)."""
         return Media(images=None if self.images is None else self.images.to(device),
                      videos=None if self.videos is None else self.videos.to(device),
+                     speech=None if self.speech is None else self.speech.to(device),
                      embeddings=None if self.embeddings is None else self.embeddings.to(device))
 
 

@@ -28,12 +28,14 @@ from torch import nn
 from adapters.cross_attention import CrossAttentionConfig, CrossAttentionInputs, GatedCrossAttention
 from adapters.image import VisionProjection, encode_images, image_inputs
 from adapters.media_tokens import N_MEDIA_ROWS, MediaTokenEmbedding
+from adapters.speech import SpeechAdapter, SpeechAdapterConfig, speech_positions
 from adapters.video import VideoAdapter, VideoAdapterConfig, encode_videos, video_inputs
+from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from encoders.vision import VisionConfig, VisionEncoder
 from mm_llama.api import Assistant
 from mm_llama.errors import ConfigError, InputError
 from mm_llama.llama import KVCacheLike, Llama, LlamaConfig
-from mm_llama.media import Media, MediaState, Splice
+from mm_llama.media import EmbeddingSpans, Media, MediaState, Splice
 
 # Fields that choose Meta's or transformers' semantics when a checkpoint is loaded (`MMConfig.with_semantics`); the
 # weights are the same either way, so mm-llama's checkpoint format never stores them.
@@ -58,12 +60,16 @@ class MMConfig:
     A part's field name is also the name of its module in `MMLlama` and of its entry in mm-llama's checkpoint
     format. The image encoder (`vision`) and the image adapter (`image_adapter`) come together; the video adapter
     (`video_adapter`) builds on both: its frames go through the image encoder, its blocks sit before image blocks.
+    The speech encoder (`speech_encoder`) and its adapter (`speech_adapter`) come together, with or without the
+    others: their embeddings enter the token stream.
     """
 
     trunk: LlamaConfig
     vision: VisionConfig | None = None
     image_adapter: CrossAttentionConfig | None = None
     video_adapter: VideoAdapterConfig | None = None
+    speech_encoder: SpeechEncoderConfig | None = None
+    speech_adapter: SpeechAdapterConfig | None = None
 
     def __post_init__(self) -> None:
         if (self.vision is None) != (self.image_adapter is None):
@@ -72,11 +78,17 @@ class MMConfig:
         if self.video_adapter is not None and self.image_adapter is None:
             raise ConfigError("MMConfig: 'video_adapter' needs 'vision' and 'image_adapter' (its frames go through "
                               "the image encoder and its blocks are placed before image cross-attention blocks)")
+        if (self.speech_encoder is None) != (self.speech_adapter is None):
+            raise ConfigError("MMConfig: 'speech_encoder' (the conformer) and 'speech_adapter' come together; give "
+                              "both or neither")
+        if self.speech_encoder is not None and self.speech_adapter.in_dim != self.speech_encoder.dim:
+            raise ConfigError(f"MMConfig: speech_adapter.in_dim ({self.speech_adapter.in_dim}) must equal the speech "
+                              f"encoder's dim ({self.speech_encoder.dim})")
 
     @property
     def has_media(self) -> bool:
         """Whether any medium is attached (then the media-token rows exist)."""
-        return self.image_adapter is not None
+        return self.image_adapter is not None or self.speech_adapter is not None
 
     def with_semantics(self, hf_compat: bool) -> MMConfig:
         """The same model computing Meta's reference semantics (default) or transformers' (`hf_compat`): the ViT's
@@ -129,6 +141,7 @@ class MMLlama(nn.Module):
         self.trunk = trunk if trunk is not None else Llama(t)
         self.media = MediaTokenEmbedding(t.dim, t.vocab_size) if config.has_media else None
         self.vision = self.vision_projection = self.image_adapter = self.video_adapter = None
+        self.speech_encoder = self.speech_adapter = None
         if config.vision is not None:
             self.vision = VisionEncoder(config.vision)
             # Multi-layer ViT features (7680-d for ViT-H) -> the trunk's width, with a bias (Llama 3.2's projection;
@@ -138,8 +151,12 @@ class MMLlama(nn.Module):
         if config.video_adapter is not None:
             self.video_adapter = VideoAdapter(t, config.video_adapter, self.image_adapter.schedule,
                                               config.vision.max_tiles * config.vision.tokens_per_tile)
-        self.image_id = t.vocab_size  # <|image|>: the first media row (128256 for Llama 3)
-        self.video_id = t.vocab_size + 1  # <|video|>: the second (the tokenizer's order, `MEDIA_TOKENS`)
+        if config.speech_encoder is not None:
+            self.speech_encoder = SpeechEncoder(config.speech_encoder)
+            self.speech_adapter = SpeechAdapter(config.speech_adapter, t.dim)
+        # Media rows in the tokenizer's order (`MEDIA_TOKENS`): 128256 … for Llama 3.
+        self.image_id, self.video_id = t.vocab_size, t.vocab_size + 1  # <|image|>, <|video|>
+        self.speech_start_id, self.speech_end_id, self.speech_id = (t.vocab_size + i for i in (2, 3, 4))
         self.source: Path | None = None  # the directory `from_pretrained` read (where `ask` finds tokenizer.model)
 
     @classmethod
@@ -159,23 +176,28 @@ class MMLlama(nn.Module):
 
     # --- Conveniences over `mm_llama.api.Assistant` (a new one per call, with the checkpoint's tokenizer) ---------
 
-    def ask(self, question: str, *, image=None, images: Sequence | None = None, video=None,
-            system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-            top_p: float = 1.0, seed: int | None = None) -> str:
-        """The answer to `question`, about `image` or `images` and `video` if given; greedy by default. The tokenizer
-        is the checkpoint directory's; for a tokenizer of your own, compiled decoding or many questions, use
-        `mm_llama.api.Assistant`, whose `ask_stream` documents the arguments."""
-        return "".join(self.ask_stream(question, image=image, images=images, video=video, system=system,
+    def ask(self, question: str | None = None, *, image=None, images: Sequence | None = None, video=None,
+            audio=None, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+            top_k: int | None = None, top_p: float = 1.0, seed: int | None = None) -> str:
+        """The answer to `question` (or to the question spoken in `audio`), about `image` or `images` and `video` if
+        given; greedy by default. The tokenizer is the checkpoint directory's; for a tokenizer of your own, compiled
+        decoding or many questions, use `mm_llama.api.Assistant`, whose `ask_stream` documents the arguments."""
+        return "".join(self.ask_stream(question, image=image, images=images, video=video, audio=audio, system=system,
                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed))
 
-    def ask_stream(self, question: str, *, image=None, images: Sequence | None = None, video=None,
-                   system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+    def ask_stream(self, question: str | None = None, *, image=None, images: Sequence | None = None, video=None,
+                   audio=None, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
         """`ask`, streamed as text pieces."""
-        return Assistant.for_model(self).ask_stream(question, image=image, images=images, video=video, system=system,
-                                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                                    top_k=top_k, top_p=top_p, seed=seed)
+        return Assistant.for_model(self).ask_stream(question, image=image, images=images, video=video, audio=audio,
+                                                    system=system, max_new_tokens=max_new_tokens,
+                                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+    def transcribe(self, audio, *, language: str = "English", max_new_tokens: int = 256) -> str:
+        """What is said in `audio` (a path, bytes or `(waveform, sample_rate)`), in `language`: the paper's
+        recognition prompt. Long audio is transcribed chunk by chunk (`Assistant.transcribe`)."""
+        return Assistant.for_model(self).transcribe(audio, language=language, max_new_tokens=max_new_tokens)
 
     # --- What generation and checkpoints use -----------------------------------------------------------------------
 
@@ -236,9 +258,53 @@ class MMLlama(nn.Module):
             state.cross["video_adapter"] = video_inputs(
                 rows, media.videos, effective, self.config.video_adapter.n_moments, video_id=self.video_id,
                 adapter=self.video_adapter if for_decoding else None)
-        if media.embeddings is not None:
-            state.splice = Splice.resolve(media.embeddings, len(rows), len(rows[0]), self.config.trunk.dim, left_pad)
+        spans = media.embeddings
+        if media.speech is not None:
+            speech = self._speech_spans(rows, media.speech, left_pad)
+            spans = speech if spans is None else EmbeddingSpans(spans.embeddings + speech.embeddings,
+                                                                spans.samples + speech.samples,
+                                                                spans.starts + speech.starts)
+        if spans is not None:
+            state.splice = Splice.resolve(spans, len(rows), len(rows[0]), self.config.trunk.dim, left_pad)
         return state
+
+    def speech_positions(self, mel_lengths: Sequence[int] | torch.Tensor) -> list[int]:
+        """Token positions of utterances of `mel_lengths` mel frames: the `<|speech|>` tokens each needs."""
+        if self.speech_adapter is None:
+            raise InputError("this model has no speech encoder: it does not take audio")
+        return speech_positions(torch.as_tensor(mel_lengths), self.config.speech_encoder.stack,
+                                self.config.speech_adapter).tolist()
+
+    def _speech_spans(self, rows: list[list[int]], utterances, left_pad: Sequence[int] | None) -> EmbeddingSpans:
+        """Encode `utterances` (`encoders.utterances.Utterances`) and place utterance k's embeddings in the k-th
+        `<|speech_start|>` span of the batch (row by row, left to right), which must hold exactly its positions."""
+        if self.speech_adapter is None:
+            raise InputError("this model has no speech encoder: it does not take audio")
+        need = self.speech_positions(utterances.host_lengths)
+        samples, starts = [], []
+        for b, row in enumerate(rows):
+            for t, token in enumerate(row):
+                if token != self.speech_start_id:
+                    continue
+                k = len(starts)
+                if k >= len(need):
+                    raise InputError(f"the tokens hold more <|speech_start|> spans than the {len(need)} utterance(s)")
+                n = 0
+                while t + 1 + n < len(row) and row[t + 1 + n] == self.speech_id:
+                    n += 1
+                if n != need[k] or (t + 1 + n < len(row) and row[t + 1 + n] != self.speech_end_id):
+                    after = ("the end of the row" if t + 1 + n == len(row) else "<|speech_end|>"
+                             if row[t + 1 + n] == self.speech_end_id else f"token {row[t + 1 + n]}")
+                    raise InputError(f"speech span {k} (row {b}) holds {n} <|speech|> positions then {after}; its "
+                                     f"utterance needs {need[k]} then <|speech_end|>")
+                samples.append(b)
+                starts.append(t + 1 - (left_pad[b] if left_pad is not None else 0))
+        if len(starts) != len(need):
+            raise InputError(f"{len(need)} utterance(s) but {len(starts)} <|speech_start|> span(s) in the tokens")
+        dtype = self.speech_encoder.input_projection.weight.dtype  # features are fp32; the weights may be bf16
+        frames, lengths = self.speech_encoder(utterances.mel.to(dtype), utterances.lengths)
+        embeddings, _ = self.speech_adapter(frames, lengths)  # (N, P, D)
+        return EmbeddingSpans([embeddings[k, :n] for k, n in enumerate(need)], samples, starts)
 
     def embed(self, tokens: torch.Tensor, splice: Splice | None = None) -> torch.Tensor:
         """(B, T) ids, media ids included -> (B, T, D), with `splice`'s embeddings in place. (Ids are checked by

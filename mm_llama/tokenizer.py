@@ -49,13 +49,15 @@ _NAMED_SPECIALS = [
 SPECIAL_TOKENS = _NAMED_SPECIALS + [
     f"<|reserved_special_token_{i}|>" for i in range(2, 2 + N_SPECIAL_TOKENS - len(_NAMED_SPECIALS))
 ]
-MEDIA_TOKENS = ["<|image|>", "<|video|>", "<|speech_start|>", "<|speech_end|>"] + [
-    f"<|media_reserved_{i}|>" for i in range(4, N_MEDIA_TOKENS)
+# `<|speech|>` holds the place of one spliced speech embedding (its row is never read: the splice replaces it).
+MEDIA_TOKENS = ["<|image|>", "<|video|>", "<|speech_start|>", "<|speech_end|>", "<|speech|>"] + [
+    f"<|media_reserved_{i}|>" for i in range(5, N_MEDIA_TOKENS)
 ]
 ROLES = ("system", "user", "assistant", "ipython")
 # Content part type → its token (transformers' Mllama chat template / the OpenAI chat format, plus video).
 MEDIA_PARTS = {"image": "<|image|>", "video": "<|video|>"}
-_PARTS_ACCEPTED = '{"type": "text", "text": str}, {"type": "image"}, {"type": "video"}'
+_PARTS_ACCEPTED = ('{"type": "text", "text": str}, {"type": "image"}, {"type": "video"}, '
+                   '{"type": "speech", "positions": int >= 1}')
 _BYTE_RANKS = {bytes([b]): b for b in range(256)}
 
 
@@ -162,6 +164,7 @@ class Tokenizer:
         self.start_header_id, self.end_header_id = st["<|start_header_id|>"], st["<|end_header_id|>"]
         self.image_id, self.video_id = st["<|image|>"], st["<|video|>"]
         self.speech_start_id, self.speech_end_id = st["<|speech_start|>"], st["<|speech_end|>"]
+        self.speech_id = st["<|speech|>"]
         self.stop_tokens = frozenset({self.eos_id, self.eom_id, self.eot_id})
 
     @classmethod
@@ -258,7 +261,9 @@ class Tokenizer:
             role: one of "system", "user", "assistant", "ipython".
             content: a str, stripped of leading/trailing whitespace (Meta's llama3 chat format); or a list of parts
                 (transformers' Mllama chat template, the OpenAI chat format) that puts media anywhere in the message:
-                `{"type": "text", "text": str}`, `{"type": "image"}` → `<|image|>`, `{"type": "video"}` → `<|video|>`.
+                `{"type": "text", "text": str}`, `{"type": "image"}` → `<|image|>`, `{"type": "video"}` → `<|video|>`,
+                `{"type": "speech", "positions": P}` → `<|speech_start|>`, P × `<|speech|>`, `<|speech_end|>` (an
+                utterance of P spliced embeddings, `MMLlama.speech_positions`).
                 Text parts are not stripped, and adjacent ones are joined before encoding, as the template renders
                 them. Special-token text inside a text part (a typed "<|image|>" or "<|eot_id|>") stays plain text,
                 unlike the Mllama template, which would turn it into the token: user text must not be able to forge
@@ -281,9 +286,16 @@ class Tokenizer:
             if kind == "text":
                 text.append(part["text"])
                 continue
-            ids += self.encode("".join(text), bos=False, eos=False) + [self.special_tokens[MEDIA_PARTS[kind]]]
+            ids += self.encode("".join(text), bos=False, eos=False) + self._media_ids(kind, part)
             text = []
         return header + ids + self.encode("".join(text), bos=False, eos=False) + [self.eot_id]
+
+    def _media_ids(self, kind: str, part: Mapping) -> list[int]:
+        """A checked media part's ids: its token, or for speech `<|speech_start|>`, one `<|speech|>` per position
+        (the model splices the utterance's embeddings there) and `<|speech_end|>`."""
+        if kind == "speech":
+            return [self.speech_start_id] + [self.speech_id] * part["positions"] + [self.speech_end_id]
+        return [self.special_tokens[MEDIA_PARTS[kind]]]
 
     def encode_dialog(self, messages: Sequence[Mapping], *, add_generation_prompt: bool = True) -> list[int]:
         """A whole dialog: `<|begin_of_text|>`, each message, then the assistant header to be completed.
@@ -314,11 +326,11 @@ def _part_kind(part: object, where: str) -> str:
     """The type of one content part, after checking its shape; `InputError` naming `where` otherwise."""
     kind = part.get("type") if isinstance(part, Mapping) else None
     kind = kind if isinstance(kind, str) else None
-    if kind in ("audio", "speech"):
-        raise InputError(f"{where}: {kind} parts are not supported yet (speech will need the audio length); "
-                         f"accepted: {_PARTS_ACCEPTED}")
     if kind == "text":
         ok = part.keys() == {"type", "text"} and isinstance(part["text"], str)
+    elif kind == "speech":  # the utterance's embeddings: `MMLlama.speech_positions` says how many
+        n = part.get("positions")
+        ok = part.keys() == {"type", "positions"} and isinstance(n, int) and not isinstance(n, bool) and n >= 1
     else:
         ok = kind in MEDIA_PARTS and part.keys() == {"type"}
     if not ok:

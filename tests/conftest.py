@@ -136,6 +136,46 @@ def make_video_model(path: Path, *, video: bool = True) -> Path:
     return path
 
 
+def make_speech_model(path: Path, *, vision: bool = True, max_seconds: float = 4) -> Path:
+    """A small random model with a speech encoder and adapter (debug sizes; utterances of at most `max_seconds` a
+    span) in mm-llama's format, with the shapes world's tokenizer; with `vision`, the debug image encoder and 2 image
+    blocks too."""
+    import math
+    import shutil
+
+    from adapters.cross_attention import CrossAttentionConfig
+    from adapters.speech import SpeechAdapterConfig
+    from encoders.speech import SpeechEncoderConfig
+    from encoders.vision import VisionConfig
+    from mm_llama.checkpoints import save_mmllama
+    from mm_llama.data.world_tokenizer import WORLD_TOKENIZER
+    from mm_llama.llama import LlamaConfig
+    from mm_llama.model import MMConfig, MMLlama
+    from mm_llama.tokenizer import Tokenizer
+
+    vocab = Tokenizer.from_file(WORLD_TOKENIZER).n_words
+    # A context that holds a prompt and one longest utterance (12.5 positions a second, `MMLlama.speech_positions`).
+    context = max(256, 128 + math.ceil(12.5 * max_seconds))
+    config = MMConfig(trunk=LlamaConfig.preset("debug", vocab_size=vocab, n_layers=2, max_seq_len=context),
+                      vision=VisionConfig.preset("debug", max_tiles=1, tile_size=84) if vision else None,
+                      image_adapter=CrossAttentionConfig(n_layers=2) if vision else None,
+                      speech_encoder=SpeechEncoderConfig.preset("debug"),
+                      speech_adapter=SpeechAdapterConfig(in_dim=64, dim=64, n_heads=4, ffn_dim=128,
+                                                        max_seconds=max_seconds))
+    torch.manual_seed(0)
+    save_mmllama(randomize_(MMLlama(config), seed=1), path)
+    shutil.copy(WORLD_TOKENIZER, path / "tokenizer.model")
+    return path
+
+
+def espeak_wave(text: str, voice: str = "en-us") -> tuple:
+    """`text` spoken by espeak-ng (in-process) as a (waveform, sample_rate) tuple."""
+    from mm_llama.data.espeak import Espeak, Voice
+
+    engine = Espeak()
+    return engine.synth(text, Voice(voice)), engine.sample_rate
+
+
 def make_clip(path: Path, seed: int) -> Path:
     """A random shapes-world clip of `seed`, rendered and encoded to mp4 at `path`."""
     import random

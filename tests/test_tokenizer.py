@@ -75,7 +75,7 @@ def test_special_token_ids():
         "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008, "<|eot_id|>": 128009,
         "<|python_tag|>": 128010, "<|reserved_special_token_2|>": 128011, "<|reserved_special_token_246|>": 128255,
         "<|image|>": 128256, "<|video|>": 128257, "<|speech_start|>": 128258, "<|speech_end|>": 128259,
-        "<|media_reserved_4|>": 128260, "<|media_reserved_7|>": 128263,
+        "<|speech|>": 128260, "<|media_reserved_7|>": 128263,
     }  # fmt: skip
     assert {k: tok.special_tokens[k] for k in expected} == expected
     assert len(SPECIAL_TOKENS) == 256 and len(MEDIA_TOKENS) == N_MEDIA_TOKENS == 8
@@ -298,6 +298,10 @@ BAD_PARTS = [
     ("image with its data", {"type": "image", "image": "x.png"}),
     ("video with extra key", {"type": "video", "path": "x.mp4"}),
     ("audio", {"type": "audio"}),
+    ("speech without positions", {"type": "speech"}),
+    ("speech of 0 positions", {"type": "speech", "positions": 0}),
+    ("speech positions not an int", {"type": "speech", "positions": 2.0}),
+    ("speech with its audio", {"type": "speech", "positions": 3, "audio": "q.wav"}),
 ]
 
 
@@ -314,10 +318,16 @@ def test_bad_part_names_message_and_part(part):
         tok.encode_message("user", [part])
 
 
-def test_audio_part_says_why():
+def test_speech_part_holds_its_positions_between_start_and_end():
     tok = real_tokenizer()
-    with pytest.raises(InputError, match="message 0, part 0: audio parts are not supported yet.*audio length"):
-        tok.encode_dialog([{"role": "user", "content": [{"type": "audio"}]}])
+    ids = tok.encode_message("user", [{"type": "image"}, {"type": "speech", "positions": 3},
+                                      {"type": "text", "text": "Hi"}])
+    header = tok.encode_header("user")
+    assert ids == header + [128256, 128258, 128260, 128260, 128260, 128259] + tok.encode("Hi", bos=False, eos=False) + [
+        tok.eot_id]
+    assert tok.speech_id == 128260
+    # Typed as text, the speech tokens stay text: user text cannot forge a span.
+    assert 128260 not in tok.encode_message("user", "<|speech_start|><|speech|>")
 
 
 def test_chat_bad_input():

@@ -118,7 +118,9 @@ def load_mmllama(path: str | Path, *, hf_compat: bool = False, dtype: torch.dtyp
     assign_state(model, state, f"{path} ({fmt} format)", tied=config.trunk.tie_embeddings, prefix="trunk.",
                  dtype=dtype, device=device)
     model.trunk.tie_weights()
-    model.trunk.reset_rope()
+    for module in (model.trunk, model.speech_encoder, model.speech_adapter):  # their RoPE tables are not stored
+        if module is not None:
+            module.reset_rope()
     model.source = path
     return model.eval()
 
