@@ -1,6 +1,8 @@
 """The `mm-llama` command.
 
     mm-llama ask --checkpoint DIR "question"          # chat-formatted, answer streamed to stdout
+    mm-llama ask --checkpoint DIR --audio Q.wav [--image F]   # a spoken question
+    mm-llama transcribe [--checkpoint DIR] [--language L] F    # speech to text (long audio in chunks)
     mm-llama convert --input DIR --output DIR [--to meta|hf|ours] [--shards N]
     mm-llama export --checkpoint DIR --out DIR [--trunk DIR]   # self-contained copy of an adapter checkpoint
     mm-llama train STAGE --config FILE [--resume] [--section.key=value ...]
@@ -35,16 +37,28 @@ def _device_and_dtype(args: argparse.Namespace):
 def cmd_ask(args: argparse.Namespace) -> None:
     from mm_llama.api import Assistant
 
+    if args.question is None and args.audio is None:  # said before the model loads
+        raise InputError("give a question, --audio FILE with a spoken question, or both")
     device, dtype = _device_and_dtype(args)
     # One path for every checkpoint kind (Meta, HF or mm-llama; a trunk or a model with parts).
     assistant = Assistant.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, hf_compat=args.hf_compat,
                                           dtype=dtype, device=device, compile=args.compile)
-    for piece in assistant.ask_stream(args.question, images=args.image or None, video=args.video, system=args.system,
-                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+    for piece in assistant.ask_stream(args.question, images=args.image or None, video=args.video, audio=args.audio,
+                                      system=args.system, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      seed=args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    from mm_llama.api import Assistant
+
+    device, dtype = _device_and_dtype(args)
+    assistant = Assistant.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, dtype=dtype, device=device)
+    print(assistant.transcribe(args.audio, language=args.language, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -156,7 +170,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_recipe(args: argparse.Namespace) -> int:
     from mm_llama.recipe import run_recipe
 
-    return run_recipe(args.recipe, args.out, size=args.size, skip_eval=args.no_eval, image_model=args.image_model)
+    return run_recipe(args.recipe, args.out, size=args.size, skip_eval=args.no_eval, image_model=args.image_model,
+                      video_model=args.video_model)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -192,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer a question with a checkpoint (streamed to stdout)")
-    ask.add_argument("question", help="the question (quote it)")
+    ask.add_argument("question", nargs="?", help="the question (quote it); may be left out with --audio")
     ask.add_argument("--checkpoint", default="demo", help="checkpoint directory: Meta, Hugging Face or mm-llama; a "
                      "Llama 3 trunk, Llama 3.2 Vision or a model trained by mm-llama's stages; 'demo' is the small "
                      "shapes-world model inside the package (a local folder named demo: ./demo)")
@@ -212,9 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--image", action="append", help="an image to ask about (repeat for several)")
     ask.add_argument("--video", help="a video file to ask about (a model with a video adapter): frames sampled "
                      "uniformly over the whole clip")
+    ask.add_argument("--audio", help="an audio file with a spoken question or message (a model with a speech "
+                     "adapter): WAV, FLAC, OGG, MP3, ...; longer than the model's limit (60 s at the paper's "
+                     "settings), it is split into chunks, never cut")
     ask.add_argument("--hf-compat", action="store_true",
                      help="Llama 3.2 Vision: reproduce transformers' semantics instead of Meta's")
     ask.set_defaults(func=cmd_ask)
+
+    transcribe = sub.add_parser("transcribe", help="write down what is said in an audio file (a model with a speech "
+                                "adapter)")
+    transcribe.add_argument("audio", help="the audio file: WAV, FLAC, OGG, MP3, ... (any length: long audio is "
+                            "transcribed in chunks cut at pauses, read one at a time)")
+    transcribe.add_argument("--checkpoint", default="demo", help="checkpoint directory, as for ask (default: the "
+                            "embedded demo model)")
+    transcribe.add_argument("--tokenizer", help="tokenizer.model (default: the one in the checkpoint directory)")
+    transcribe.add_argument("--language", default="English", help="the language to write in (the recognition "
+                            "prompt 'Repeat after me in LANGUAGE:')")
+    transcribe.add_argument("--max-new-tokens", type=int, default=256, help="the longest transcript of one chunk, "
+                            "in tokens")
+    transcribe.add_argument("--batch-size", type=int, default=8, help="chunks transcribed together")
+    transcribe.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N or "
+                            "mps")
+    transcribe.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                            help="weights' precision; auto: bf16 on a GPU, fp32 on the CPU")
+    transcribe.set_defaults(func=cmd_transcribe)
 
     convert = sub.add_parser("convert", help="convert a trunk or Llama 3.2 Vision checkpoint between the Meta, "
                              "Hugging Face and mm-llama formats")
@@ -235,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a stage (torchrun-launchable)",
                            description="Any further --section.key=value overrides the YAML config.")
-    train.add_argument("stage", help="lm, vision-pretrain, image-adapter, video-adapter or speech-pretrain")
+    train.add_argument("stage", help="lm, vision-pretrain, image-adapter, video-adapter, speech-pretrain or "
+                       "speech-adapter")
     train.add_argument("--config", help="stage YAML (configs/...)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of train.out_dir")
     train.set_defaults(func=cmd_train)
@@ -289,13 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = sub.add_parser("recipe", help="train a model from nothing, every stage in turn (resumable: run the "
                             "same command again after an interruption)")
     recipe.add_argument("recipe", choices=["demo"],
-                        help="demo: the embedded shapes-world model (lm -> image-adapter -> video-adapter)")
+                        help="demo: the embedded shapes-world model (lm -> image-adapter -> video-adapter -> "
+                        "speech-pretrain -> speech-adapter)")
     recipe.add_argument("--out", required=True, help="run folder: data, each stage's checkpoints, model/, eval.json")
     recipe.add_argument("--size", default="full", choices=["full", "tiny"], help="full: the shipped model (about 25 "
                         "minutes on one H200); tiny: every step with a handful of training steps (a CPU minute)")
     recipe.add_argument("--no-eval", action="store_true", help="skip the final mm-llama eval --suite shapes")
     recipe.add_argument("--image-model", help="build on this trained image model (a checkpoint directory with an image "
-                        "adapter, or 'demo') instead of training one: only the video steps, the model and the eval run")
+                        "adapter, or 'demo') instead of training one: only the video and speech steps, the model and "
+                        "the eval run")
+    recipe.add_argument("--video-model", help="build on this trained video model (a checkpoint directory with a video "
+                        "adapter, or 'demo'): only the speech steps, the model and the eval run")
     recipe.set_defaults(func=cmd_recipe)
 
     demo = sub.add_parser("demo", help="chat with a checkpoint in the browser: image upload, streamed answers "

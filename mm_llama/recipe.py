@@ -1,20 +1,22 @@
 """`mm-llama recipe demo`: train the embedded demo model from nothing, stage by stage, on the shapes world.
 
-    mm-llama recipe demo --out runs/demo              # data -> lm -> image-adapter -> video-adapter -> model -> eval
+    mm-llama recipe demo --out runs/demo              # data -> lm -> image-adapter -> video-adapter ->
+                                                      #   speech-pretrain -> speech-adapter -> model -> eval
     mm-llama recipe demo --out runs/demo --size tiny  # the same steps in a minute on a CPU (CI): proves the plumbing
-    mm-llama recipe demo --out runs/video --image-model demo  # only the video steps, on a trained image model
+    mm-llama recipe demo --out runs/video --image-model demo  # the video and speech steps, on a trained image model
+    mm-llama recipe demo --out runs/speech --video-model demo # only the speech steps, on a trained video model
 
 Each step is skipped when its result is complete and resumed when it was cut short (a stage from its latest
 checkpoint; a data set is regenerated, since it takes seconds), so the recipe can run in pieces: run the same command
 again after an interruption. A stage stopped by SIGTERM/SIGINT checkpoints, and the recipe stops with it.
 
-The stages read the configs in `configs/demo/` (`lm.yaml`, `image_adapter.yaml`, `video_adapter.yaml`) with the data
-and run folders of
-`--out` as overrides; the recipe adds what is its own: the data set sizes and seeds, and for `--size tiny` fewer
-steps and smaller batches. The result, `OUT/model`, is a self-contained mm-llama checkpoint in bf16 (what ships in
-`mm_llama/demo_model`), and `OUT/eval.json` its `mm-llama eval --suite shapes` report. `OUT/recipe.json` records each
-step's time. Speech adds its stages here (issue 12). The video data need ffmpeg: Debian's, or the `imageio-ffmpeg`
-package's where there is none (`mm_llama.data.world_video.find_ffmpeg`).
+The stages read the configs in `configs/demo/` (`lm.yaml`, `image_adapter.yaml`, `video_adapter.yaml`,
+`speech_pretrain.yaml`, `speech_adapter.yaml`) with the data and run folders of `--out` as overrides; the recipe adds
+what is its own: the data set sizes and seeds, and for `--size tiny` fewer steps and smaller batches. The result,
+`OUT/model`, is a self-contained mm-llama checkpoint in bf16 (what ships in `mm_llama/demo_model`), and
+`OUT/eval.json` its `mm-llama eval --suite shapes` report. `OUT/recipe.json` records each step's time. The speech data
+need espeak-ng (Debian's `espeak-ng`). The video data need ffmpeg: Debian's, or the `imageio-ffmpeg` package's where
+there is none (`mm_llama.data.world_video.find_ffmpeg`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Size:
     n_text: int
     n_image: int
     n_video: int
+    n_speech: int
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> extra `--section.key=value`
     eval_per_type: int = 50
 
@@ -51,15 +54,19 @@ class Size:
 SIZES = {
     # The shipped model: about 25 minutes on one H200, measured in two runs (16 min for data, lm and image-adapter;
     # 9 min for the video steps), each step's time in the README and the notes of issues 10 and 11.
-    "full": Size(n_text=100_000, n_image=60_000, n_video=20_000, eval_per_type=50),
+    "full": Size(n_text=100_000, n_image=60_000, n_video=20_000, n_speech=24_000, eval_per_type=50),
     # CI on 2 CPU cores: every step of the full recipe on the real configs, with a handful of steps.
-    "tiny": Size(n_text=400, n_image=300, n_video=24, eval_per_type=1, overrides={
+    "tiny": Size(n_text=400, n_image=300, n_video=24, n_speech=40, eval_per_type=1, overrides={
         "lm": ("--train.steps=4", "--data.batch_size=4", "--data.seq_len=256", "--train.log_every=2",
                "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=50"),
         "image-adapter": ("--train.steps=4", "--data.batch_size=4", "--train.log_every=2",
                           "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=50"),
         "video-adapter": ("--train.steps=4", "--data.batch_size=2", "--train.log_every=2",
                           "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=10"),
+        "speech-pretrain": ("--train.steps=4", "--data.batch_size=4", "--train.log_every=2",
+                            "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=10"),
+        "speech-adapter": ("--train.steps=4", "--data.batch_size=4", "--train.log_every=2",
+                           "--train.checkpoint_every=2", "--data.num_workers=0", "--data.shuffle_buffer=10"),
     }),
 }
 
@@ -99,6 +106,10 @@ def _synth(kind: str, n: int, seed: int) -> Callable[[Path], str]:
             from mm_llama.data.synth_video import TIME_SHARE
 
             what |= {"time_share": TIME_SHARE}
+        if kind == "speech":
+            from mm_llama.data.synth_speech import SPOKEN_QA_SHARE
+
+            what |= {"spoken_qa_share": SPOKEN_QA_SHARE}
         if _done(folder, what):
             return f"{folder} is complete"
         shutil.rmtree(folder, ignore_errors=True)  # a partial or different set: writing it again takes seconds
@@ -110,6 +121,10 @@ def _synth(kind: str, n: int, seed: int) -> Callable[[Path], str]:
             from mm_llama.data.synth_video import synth_video
 
             synth_video(folder, n, seed=seed)
+        elif kind == "speech":
+            from mm_llama.data.synth_speech import synth_speech
+
+            synth_speech(folder, n, seed=seed)
         else:
             from mm_llama.data.synth_image import synth_image
 
@@ -170,24 +185,45 @@ def _image_model_and_data(given: str | None) -> Callable[[Path], list[str]]:
     return extra
 
 
-def _given_image_model(name: str | Path) -> str:
-    """The directory of `name` ("demo" or a path), checked to be an mm-llama checkpoint with an image adapter
-    (`InputError` otherwise): said before any step runs, not after the video data are made."""
+def _speech_pretrain_data(out: Path) -> list[str]:
+    return [f"--data.shards={out / 'data' / 'speech'}"]
+
+
+def _speech_adapter_inputs(given_video_model: str | None) -> Callable[[Path], list[str]]:
+    def extra(out: Path) -> list[str]:
+        from mm_llama.train.checkpoint import latest_checkpoint
+
+        base = given_video_model or latest_checkpoint(out / "video_adapter")
+        encoder = latest_checkpoint(out / "speech_pretrain")
+        if base is None:
+            raise InputError(f"{out / 'video_adapter'} holds no checkpoint: the video-adapter step must run first")
+        if encoder is None:
+            raise InputError(f"{out / 'speech_pretrain'} holds no checkpoint: the speech-pretrain step must run first")
+        return [f"--base_model={Path(base).resolve()}", f"--pretrained_encoder={encoder.resolve()}",
+                *_data_overrides("speech")(out)]
+    return extra
+
+
+def _given_model(name: str | Path, part: str, what: str) -> str:
+    """The directory of `name` ("demo" or a path), checked to be an mm-llama checkpoint with `part`
+    (`InputError` otherwise): said before any step runs, not after the data are made."""
     from mm_llama.checkpoints.ours import read_index
     from mm_llama.errors import CheckpointError
     from mm_llama.paths import checkpoint_path
 
-    path = checkpoint_path(str(name), "image model")
+    kind = part.replace("_", "-")
+    path = checkpoint_path(str(name), f"{what} model")
     if not path.is_dir():
-        raise InputError(f"image model {name}: no such checkpoint directory (give an mm-llama checkpoint with an "
-                         "image adapter, e.g. a stage image-adapter checkpoint, or 'demo')")
+        raise InputError(f"{what} model {name}: no such checkpoint directory (give an mm-llama checkpoint with a "
+                         f"{part.replace('_', ' ')}, e.g. a stage {kind} checkpoint, or 'demo')")
     try:
         parts = read_index(path).get("parts", {})
     except CheckpointError as e:
-        raise InputError(f"image model {name}: {e}") from None
-    if "image_adapter" not in parts:
-        raise InputError(f"image model {name} has no image adapter (parts: {', '.join(sorted(parts)) or 'none'}): "
-                         "the video steps build on a trained image model, e.g. a stage image-adapter checkpoint")
+        raise InputError(f"{what} model {name}: {e}") from None
+    if part not in parts:
+        raise InputError(f"{what} model {name} has no {part.replace('_', ' ')} (parts: "
+                         f"{', '.join(sorted(parts)) or 'none'}): the later steps build on a trained {what} model, "
+                         f"e.g. a stage {kind} checkpoint")
     return str(path.resolve())
 
 
@@ -212,9 +248,9 @@ def package_model(checkpoint: Path, dst: Path, dtype: torch.dtype = torch.bfloat
 def _package(out: Path) -> str:
     from mm_llama.train.checkpoint import latest_checkpoint
 
-    source = latest_checkpoint(out / "video_adapter")  # the last stage: the whole model
+    source = latest_checkpoint(out / "speech_adapter")  # the last stage: the whole model
     if source is None:
-        raise InputError(f"{out / 'video_adapter'} holds no checkpoint: the video-adapter step must run first")
+        raise InputError(f"{out / 'speech_adapter'} holds no checkpoint: the speech-adapter step must run first")
     dst = out / "model"
     what = {"from": str(source.resolve())}
     if _done(dst, what):
@@ -242,11 +278,20 @@ def _evaluate(size: Size) -> Callable[[Path], str]:
 
 
 @dataclass(frozen=True)
+class Given:
+    """Trained models a run builds on instead of making them (directories, checked)."""
+
+    image: str | None = None
+    video: str | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
-    # (title, make: (size, image model given or None) -> the step); `image_steps` make the image model, which a
-    # given image model replaces.
-    steps: tuple[tuple[str, Callable[[Size, str | None], Callable[[Path], str]]], ...]
+    # (title, make: (size, the given models) -> the step); `image_steps` make the image model, which a given image
+    # or video model replaces; `video_steps` make the video model, which a given video model replaces.
+    steps: tuple[tuple[str, Callable[[Size, Given], Callable[[Path], str]]], ...]
     image_steps: frozenset[str] = frozenset()
+    video_steps: frozenset[str] = frozenset()
 
 
 RECIPES = {
@@ -254,18 +299,23 @@ RECIPES = {
         ("data text", lambda s, _: _synth("text", s.n_text, seed=0)),
         ("data image", lambda s, _: _synth("image", s.n_image, seed=1)),
         ("data video", lambda s, _: _synth("video", s.n_video, seed=2)),
+        ("data speech", lambda s, _: _synth("speech", s.n_speech, seed=3)),
         ("lm", lambda s, _: _stage("lm", "lm.yaml", _data_overrides("text"), s)),
         ("image-adapter", lambda s, _: _stage("image-adapter", "image_adapter.yaml", _trunk_and_data, s)),
-        ("video-adapter", lambda s, given: _stage("video-adapter", "video_adapter.yaml", _image_model_and_data(given),
-                                                  s)),
+        ("video-adapter", lambda s, g: _stage("video-adapter", "video_adapter.yaml", _image_model_and_data(g.image),
+                                              s)),
+        ("speech-pretrain", lambda s, _: _stage("speech-pretrain", "speech_pretrain.yaml", _speech_pretrain_data, s)),
+        ("speech-adapter", lambda s, g: _stage("speech-adapter", "speech_adapter.yaml",
+                                               _speech_adapter_inputs(g.video), s)),
         ("model", lambda s, _: _package),
         ("eval", lambda s, _: _evaluate(s)),
-    ), image_steps=frozenset({"data text", "data image", "lm", "image-adapter"})),
+    ), image_steps=frozenset({"data text", "data image", "lm", "image-adapter"}),
+        video_steps=frozenset({"data video", "video-adapter"})),
 }
 
 
 def run_recipe(name: str, out: str | Path, *, size: str = "full", skip_eval: bool = False,
-               image_model: str | Path | None = None) -> int:
+               image_model: str | Path | None = None, video_model: str | Path | None = None) -> int:
     """Run recipe `name` into folder `out`; returns the exit status (128 + signal when a stage was stopped).
 
     Args:
@@ -277,17 +327,25 @@ def run_recipe(name: str, out: str | Path, *, size: str = "full", skip_eval: boo
             build the later stages on, instead of making one: the text and image data, lm and image-adapter steps
             are left out, and the image model's parts reach OUT/model unchanged: how a video part is added to the
             shipped model without retraining its image rows.
+        video_model: a trained video model (an mm-llama checkpoint with a video adapter, or "demo") to build the
+            speech steps on: the image and video steps are left out too; its parts reach OUT/model unchanged.
     """
     if name not in RECIPES:
         raise InputError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
     if size not in SIZES:
         raise InputError(f"unknown recipe size {size!r}; known sizes: {', '.join(SIZES)}")
-    given = None if image_model is None else _given_image_model(image_model)
+    if image_model is not None and video_model is not None:
+        raise InputError("give an image model or a video model to build on, not both (a video model has its image "
+                         "model inside)")
+    given = Given(image=None if image_model is None else _given_model(image_model, "image_adapter", "image"),
+                  video=None if video_model is None else _given_model(video_model, "video_adapter", "video"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = RECIPES[name]
+    skipped = (recipe.image_steps if given.image or given.video else frozenset()) | (
+        recipe.video_steps if given.video else frozenset())
     steps = [(title, make(SIZES[size], given)) for title, make in recipe.steps
-             if not (skip_eval and title == "eval") and not (given and title in recipe.image_steps)]
+             if not (skip_eval and title == "eval") and title not in skipped]
     times: dict[str, float] = {}
     for i, (title, step) in enumerate(steps, 1):
         print(f"[recipe {name}] step {i}/{len(steps)}: {title}", flush=True)

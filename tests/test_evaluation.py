@@ -73,10 +73,12 @@ class OracleAssistant:
 
     def __init__(self, answers: dict[str, str], right: set[str], types: dict[str, str], tokenizer, vision=True):
         self.answers, self.right, self.types, self.tokenizer = answers, right, types, tokenizer
-        self.model = SimpleNamespace(config=SimpleNamespace(vision=object() if vision else None, video_adapter=None))
+        self.model = SimpleNamespace(config=SimpleNamespace(vision=object() if vision else None, video_adapter=None,
+                                                            speech_adapter=None))
         self.asked, self.batches = [], []
 
-    def ask_batch(self, questions, images=None, max_new_tokens=256):
+    def ask_batch(self, questions, images=None, system=None, max_new_tokens=256):
+        assert system is None
         images = images or [None] * len(questions)
         assert len(images) == len(questions)
         self.batches.append(len(questions))
@@ -119,11 +121,13 @@ def test_scoring_table_and_json_count_exact_answers(byte_tokenizer):
     assert data["overall"] == {"n": 56, "correct": 24, "accuracy": 24 / 56}
     table = report.table().splitlines()
     assert table[0].split() == ["task", "question", "type", "n", "correct", "accuracy"]
-    assert "image-qa  colour" in table[-10] and table[-10].split()[-4:] == ["4", "4", "100.0", "%"]
-    assert table[-3].split() == ["image-qa", "all", "28", "12", "42.9", "%"]
-    assert table[-2:] == ["video-qa: skipped (the model takes no video)",
-                          "video-qa-shuffled: skipped (the model takes no video)"]
-    assert len(table) == 2 + 2 * 8 + 2
+    assert "image-qa  colour" in table[-12] and table[-12].split()[-4:] == ["4", "4", "100.0", "%"]
+    assert table[-5].split() == ["image-qa", "all", "28", "12", "42.9", "%"]
+    assert table[-4:] == ["video-qa: skipped (the model takes no video)",
+                          "video-qa-shuffled: skipped (the model takes no video)",
+                          "asr: skipped (the model takes no speech)",
+                          "spoken-qa: skipped (the model takes no speech and image)"]
+    assert len(table) == 2 + 2 * 8 + 4
     # Every question asked once, with room for its answer (byte-level: one token per byte) and no more than +16.
     assert len(assistant.asked) == 56 and sum(img for _, img, _ in assistant.asked) == 28
     assert assistant.batches == [32, 24]  # batches of 32 (the default), across the two tasks
@@ -136,16 +140,72 @@ def test_a_task_the_model_cannot_take_is_skipped_and_said(byte_tokenizer):
     report = evaluate(oracle(byte_tokenizer, right=set(QUESTION_TYPES), vision=False), n_per_type=4,
                       progress=False)
     assert report.skipped == {"image-qa": "the model takes no image", "video-qa": "the model takes no video",
-                              "video-qa-shuffled": "the model takes no video"}
+                              "video-qa-shuffled": "the model takes no video", "asr": "the model takes no speech",
+                              "spoken-qa": "the model takes no speech and image"}
     assert report.to_json()["tasks"]["text-qa"]["accuracy"] == 1.0
-    assert report.table().splitlines()[-3:-1] == ["image-qa: skipped (the model takes no image)",
+    assert report.table().splitlines()[-5:-3] == ["image-qa: skipped (the model takes no image)",
                                                   "video-qa: skipped (the model takes no video)"]
+
+
+def test_speech_items_are_held_out_sentences_in_the_held_out_voice():
+    from mm_llama.data.synth_speech import HELDOUT_VOICE, _speak
+    from mm_llama.evaluation.tasks import ASR_PROMPT
+
+    asr, spoken = suite_tasks("shapes", ["asr", "spoken-qa"])
+    items = asr.items(2, seed=1)
+    assert [i.qtype for i in items] == ["question", "question", "caption", "caption"]
+    for i in items:
+        assert split_of_sentence(i.question) == "heldout" and i.answer == i.question and i.text is None
+        assert i.system == ASR_PROMPT and i.metric == "wer" and set(i.media()) == {"audio"}
+        wave, rate = i.audio
+        assert rate == 16_000 and (wave == _speak(i.question, HELDOUT_VOICE).numpy()).all()  # the held-out voice
+    assert [i.question for i in asr.items(2, seed=1)] == [i.question for i in items]
+    asked = spoken.items(1, seed=2)
+    assert [i.qtype for i in asked] == list(QUESTION_TYPES)
+    for i in asked:
+        assert split_of_sentence(i.question) == "heldout" and i.system is None and i.metric == "exact"
+        assert set(i.media()) == {"image", "audio"} and i.image.size == (84, 84) and i.text is None
+
+
+class Transcriber(OracleAssistant):
+    """Hears each asr item's sentence, says it with the first word dropped on questions (1 deletion each)."""
+
+    def __init__(self, tokenizer):
+        super().__init__({}, set(), {}, tokenizer, vision=False)
+        self.model.config.speech_adapter = object()
+        self.said = {}
+
+    def ask_batch(self, questions, audios=None, system=None, max_new_tokens=256):
+        assert questions == [None] * len(questions) and system == "Repeat after me in English:"
+        self.batches.append(len(questions))
+        return [self.said[id(wave)] for wave, _ in audios]
+
+
+def test_asr_is_graded_in_word_errors(byte_tokenizer, monkeypatch):
+    from mm_llama.evaluation import tasks
+    from mm_llama.evaluation.wer import word_errors
+
+    assert word_errors("Where is the red circle?", "where is a red circle") == (1, 5)
+    assert word_errors("It is red.", "") == (3, 3) and word_errors("It is red.", "it is red it") == (1, 3)
+    assistant = Transcriber(byte_tokenizer)
+    (asr,) = suite_tasks("shapes", ["asr"])
+    items = asr.items(3, seed=0)
+    words = 0
+    for i in items:
+        words += len(i.answer.split()) if i.qtype == "question" else 0
+        assistant.said[id(i.audio[0])] = i.answer.split(" ", 1)[1] if i.qtype == "question" else i.answer.upper()
+    monkeypatch.setattr(tasks.Task, "items", lambda self, n, seed=0: items)
+    report = evaluate(assistant, tasks=["asr"], n_per_type=3, progress=False)
+    data = report.to_json()["tasks"]["asr"]
+    assert data["types"]["question"]["wer"] == 3 / words and data["types"]["caption"]["wer"] == 0.0
+    assert data["types"]["question"]["correct"] == 0 and data["types"]["caption"]["correct"] == 0  # case counts
+    assert report.table().splitlines()[0].split()[-1] == "WER"
 
 
 def test_unknown_suite_or_task_names_the_known_ones():
     with pytest.raises(InputError, match="known suites: shapes"):
         suite_tasks("nope")
-    with pytest.raises(InputError, match="its tasks: image-qa, text-qa, video-qa, video-qa-shuffled"):
+    with pytest.raises(InputError, match="its tasks: asr, image-qa, spoken-qa, text-qa, video-qa, video-qa-shuffled"):
         suite_tasks("shapes", ["image-qa", "speech-qa"])
 
 
@@ -178,7 +238,7 @@ def test_command_prints_the_table_and_writes_json(tmp_path):
 def test_command_errors_are_one_line_before_loading(tmp_path, capsys):
     for args, message in ((["--suite", "nope"], "unknown suite 'nope'; known suites: shapes"),
                           (["--suite", "shapes", "--task", "speech-qa"],
-                           "its tasks: image-qa, text-qa, video-qa, video-qa-shuffled"),
+                           "its tasks: asr, image-qa, spoken-qa, text-qa, video-qa, video-qa-shuffled"),
                           (["--suite", "shapes", "--json", str(tmp_path / "no" / "eval.json")],
                            "its folder does not exist")):
         # A checkpoint that does not exist: the error must come before any loading.

@@ -14,7 +14,8 @@ from mm_llama.api import Assistant
 from mm_llama.errors import InputError
 from mm_llama.recipe import run_recipe
 
-STEPS = ["data text", "data image", "data video", "lm", "image-adapter", "video-adapter", "model", "eval"]
+STEPS = ["data text", "data image", "data video", "data speech", "lm", "image-adapter", "video-adapter",
+         "speech-pretrain", "speech-adapter", "model", "eval"]
 
 
 def mm_llama(*args) -> subprocess.CompletedProcess:
@@ -26,17 +27,20 @@ def test_tiny_recipe_end_to_end_then_resumes(tmp_path):
     first = mm_llama("recipe", "demo", "--out", str(out), "--size", "tiny")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for i, step in enumerate(STEPS, 1):
-        assert f"[recipe demo] step {i}/8: {step}" in first.stdout
+        assert f"[recipe demo] step {i}/11: {step}" in first.stdout
     times = json.loads((out / "recipe.json").read_text())["seconds"]
     assert list(times) == STEPS and all(t >= 0 for t in times.values())
     # The stages trained on the generated shards, the model is self-contained bf16, and it answers.
     assert (out / "lm" / "checkpoints" / "step_00000004").is_dir()
     assert (out / "image_adapter" / "checkpoints" / "step_00000004").is_dir()
     assert (out / "video_adapter" / "checkpoints" / "step_00000004").is_dir()
+    assert (out / "speech_pretrain" / "checkpoints" / "step_00000004").is_dir()
+    assert (out / "speech_adapter" / "checkpoints" / "step_00000004").is_dir()
     for f in (out / "model").glob("*.safetensors"):
         with safe_open(f, "pt") as weights:
             assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
-    assert {"trunk.safetensors", "video_adapter.safetensors"} <= {p.name for p in (out / "model").iterdir()}
+    assert {"trunk.safetensors", "video_adapter.safetensors", "speech_encoder.safetensors",
+            "speech_adapter.safetensors"} <= {p.name for p in (out / "model").iterdir()}
     answer = Assistant.from_pretrained(out / "model", dtype=torch.float32).ask(
         "How many shapes are there?", image=_a_png(out), max_new_tokens=8)
     assert isinstance(answer, str)
@@ -45,7 +49,8 @@ def test_tiny_recipe_end_to_end_then_resumes(tmp_path):
     assert len(rows) == 16 and all(r[-4] in ("1", "7") for r in rows)
     report = json.loads((out / "eval.json").read_text())
     assert {t: v["n"] for t, v in report["tasks"].items()} == {"text-qa": 7, "image-qa": 7, "video-qa": 7,
-                                                               "video-qa-shuffled": 7}
+                                                               "video-qa-shuffled": 7, "asr": 2, "spoken-qa": 7}
+    assert 0 <= report["tasks"]["asr"]["wer"]
 
     # Again: every step is complete or has nothing left to train, and no checkpoint is rewritten.
     stamp = (out / "lm" / "checkpoints" / "step_00000004" / "trunk.safetensors").stat().st_mtime_ns
@@ -53,9 +58,9 @@ def test_tiny_recipe_end_to_end_then_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "data text: " + str(out / "data" / "text") + " is complete" in second.stdout
     assert "model: " + str(out / "model") + " is complete" in second.stdout
-    assert second.stdout.count("nothing to train") == 3
+    assert second.stdout.count("nothing to train") == 5
     assert (out / "lm" / "checkpoints" / "step_00000004" / "trunk.safetensors").stat().st_mtime_ns == stamp
-    assert "step 8/8" not in second.stdout and "step 7/7: model" in second.stdout
+    assert "step 11/11" not in second.stdout and "step 10/10: model" in second.stdout
 
 
 def _a_png(out: Path):
@@ -79,22 +84,27 @@ def test_unknown_recipe_or_size_names_the_known_ones(tmp_path):
     assert bad.returncode == 2 and "--out" in bad.stderr
 
 
-def test_recipe_on_a_given_image_model_runs_only_the_video_steps(tmp_path):
-    out = tmp_path / "video"
-    run = mm_llama("recipe", "demo", "--out", str(out), "--size", "tiny", "--image-model", "demo", "--no-eval")
+@pytest.mark.parametrize("given", ["image", "video"])
+def test_recipe_on_a_given_model_runs_only_the_later_steps(tmp_path, given):
+    out = tmp_path / given
+    run = mm_llama("recipe", "demo", "--out", str(out), "--size", "tiny", f"--{given}-model", "demo", "--no-eval")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert list(json.loads((out / "recipe.json").read_text())["seconds"]) == ["data video", "video-adapter", "model"]
+    later = ["data video", "data speech", "video-adapter", "speech-pretrain", "speech-adapter", "model"]
+    if given == "video":
+        later = [step for step in later if "video" not in step]
+    assert list(json.loads((out / "recipe.json").read_text())["seconds"]) == later
     assert not (out / "lm").exists() and not (out / "data" / "image").exists()
-    # The image model's parts pass through unchanged (bf16 in, bf16 out); only the video adapter is new.
+    assert (given == "image") == (out / "video_adapter").exists()
+    # The given model's parts pass through unchanged (bf16 in, bf16 out); only the later stages' parts are new.
     from mm_llama.paths import checkpoint_path
 
     demo = checkpoint_path("demo")
-    for part in ("trunk", "vision", "image_adapter"):
+    for part in ("trunk", "vision", "image_adapter") + (("video_adapter",) if given == "video" else ()):
         with safe_open(demo / f"{part}.safetensors", "pt") as a, safe_open(out / "model" / f"{part}.safetensors",
                                                                            "pt") as b:
             assert sorted(a.keys()) == sorted(b.keys())
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
-    assert (out / "model" / "video_adapter.safetensors").is_file()
+    assert {"video_adapter.safetensors", "speech_encoder.safetensors"} <= {p.name for p in (out / "model").iterdir()}
 
 
 def test_recipe_names_a_missing_or_unfit_image_model(tmp_path):
@@ -110,4 +120,8 @@ def test_recipe_names_a_missing_or_unfit_image_model(tmp_path):
     save_mmllama(MMLlama(MMConfig(trunk=LlamaConfig.preset("debug"))), tmp_path / "trunk")
     with pytest.raises(InputError, match="has no image adapter"):
         run_recipe("demo", tmp_path / "out", image_model=tmp_path / "trunk")
+    with pytest.raises(InputError, match="video model .*trunk has no video adapter"):
+        run_recipe("demo", tmp_path / "out", video_model=tmp_path / "trunk")
+    with pytest.raises(InputError, match="not both"):
+        run_recipe("demo", tmp_path / "out", image_model="demo", video_model="demo")
     assert not (tmp_path / "out").exists()

@@ -73,8 +73,8 @@ def test_loss_falls_the_quantizer_stays_and_resume_equals_uninterrupted(speech_s
     assert set(parts) == {"speech_encoder", "best_rq"}
     fresh = RandomProjectionQuantizer(config.best_rq)  # seeded: the run's targets, known again after a load
     stored = parts["best_rq"][1]
-    assert torch.equal(stored["quantizer.projection"], fresh.projection)
-    assert torch.equal(stored["quantizer.codebooks"], fresh.codebooks)
+    assert torch.equal(stored["best_rq.quantizer.projection"], fresh.projection)
+    assert torch.equal(stored["best_rq.quantizer.codebooks"], fresh.codebooks)
     assert torch.equal(result.model.quantizer.projection, fresh.projection)  # no step moved it
     assert torch.equal(result.model.quantizer.codebooks, fresh.codebooks)
     # A run that dies after step 17 resumes from its step-15 checkpoint and gives the uninterrupted run's losses.

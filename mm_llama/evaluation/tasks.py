@@ -15,6 +15,11 @@ tasks to `SUITES["shapes"]`, a line to `MEDIA` and a field to `EvalItem`; the ru
                order: a model that reads time falls to chance or below here (a false order gives false answers:
                the shipped model scores 35 % against a chance of 50 %), while one that reads a bag of frames could
                not have beaten chance on video-qa
+    asr        the speech stages: a held-out question or caption spoken in the held-out voice (an accent, variant,
+               rate and pitch no training sample has), transcribed with the paper's prompt "Repeat after me in
+               English:"; graded by word error rate (`mm_llama.evaluation.wer`) as well as exact sentences
+    spoken-qa  the drawn scene and the question spoken in the held-out voice, no text: "which shape is at the top?"
+               heard, not read
 """
 
 from __future__ import annotations
@@ -48,16 +53,25 @@ class EvalItem:
     qtype: str
     question: str
     answer: str
-    scene: Scene
+    scene: Scene | None
     image: Image.Image | None = None
     video: Path | None = None
     clip: Clip | None = None  # what the video shows (video items)
     chance: float | None = None  # the expected accuracy of a model blind to what the task tests (video: to order)
+    audio: tuple | None = None  # (waveform, sample_rate): the question or sentence spoken; then no text is sent
+    system: str | None = None  # the system prompt it is asked with
+    metric: str = "exact"  # "exact": the answer must equal `answer`; "wer": also counted in word errors
+
+    @property
+    def text(self) -> str | None:
+        """What is sent as text: the question, unless it is spoken."""
+        return None if self.audio is not None else self.question
 
     def media(self) -> dict:
         """The media keyword arguments of `Assistant.ask` for this item: {} for text alone, {"image": ...},
-        {"video": ...}."""
-        return {kind: value for kind, value in (("image", self.image), ("video", self.video)) if value is not None}
+        {"video": ...}, {"audio": ...}."""
+        return {kind: value for kind, value in (("image", self.image), ("video", self.video), ("audio", self.audio))
+                if value is not None}
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,8 @@ MEDIA: dict[str, Callable[[object], bool]] = {
     "text": lambda config: True,
     "image": lambda config: config.vision is not None,
     "video": lambda config: config.video_adapter is not None,
+    "speech": lambda config: config.speech_adapter is not None,
+    "speech and image": lambda config: config.speech_adapter is not None and config.vision is not None,
 }
 
 
@@ -141,12 +157,34 @@ def _shuffled_video_item(rng: random.Random, qtype: str) -> EvalItem:
     return _clip_item("video-qa-shuffled", rng, qtype, shuffle=True)
 
 
+ASR_PROMPT = "Repeat after me in English:"  # the paper's recognition prompt (§8.3.2), as `transcribe` asks
+SPEECH_KINDS = ("question", "caption")
+
+
+def _asr_item(rng: random.Random, kind: str) -> EvalItem:
+    from mm_llama.data.synth_speech import spoken_sentence
+
+    said = spoken_sentence(rng, "heldout", kind)
+    return EvalItem("asr", kind, said.text, said.text, None, audio=(said.wave.numpy(), 16_000), system=ASR_PROMPT,
+                    metric="wer")
+
+
+def _spoken_item(rng: random.Random, qtype: str) -> EvalItem:
+    from mm_llama.data.synth_speech import spoken_question
+
+    asked = spoken_question(rng, "heldout", qtype)
+    return EvalItem("spoken-qa", asked.qtype, asked.question, asked.answer, None, image=asked.image,
+                    audio=(asked.wave.numpy(), 16_000))
+
+
 SUITES: dict[str, tuple[Task, ...]] = {
     "shapes": (
         Task("text-qa", "text", QUESTION_TYPES, _text_item),
         Task("image-qa", "image", QUESTION_TYPES, _image_item),
         Task("video-qa", "video", TIME_QUESTION_TYPES, _video_item),
         Task("video-qa-shuffled", "video", TIME_QUESTION_TYPES, _shuffled_video_item, stream="video-qa"),
+        Task("asr", "speech", SPEECH_KINDS, _asr_item),
+        Task("spoken-qa", "speech and image", QUESTION_TYPES, _spoken_item),
     ),
 }
 

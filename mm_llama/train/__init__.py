@@ -1,6 +1,6 @@
 """Training: the shared loop (`loop.py`), checkpoints, distributed set-up, and one short script per stage."""
 
-STAGES = ("lm", "vision-pretrain", "image-adapter", "video-adapter", "speech-pretrain")  # speech-adapter, tts: later
+STAGES = ("lm", "vision-pretrain", "image-adapter", "video-adapter", "speech-pretrain", "speech-adapter")  # tts: later
 
 
 def run_stage(name: str, config_path: str | None, overrides: list[str], resume: bool):
@@ -17,6 +17,8 @@ def run_stage(name: str, config_path: str | None, overrides: list[str], resume: 
         from mm_llama.train.video_adapter import main
     elif name == "speech-pretrain":
         from mm_llama.train.speech_pretrain import main
+    elif name == "speech-adapter":
+        from mm_llama.train.speech_adapter import main
     else:
         raise ConfigError(f"unknown training stage {name!r}; available: {', '.join(STAGES)}")
     return main(config_path, overrides, resume)

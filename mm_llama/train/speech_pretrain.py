@@ -103,12 +103,14 @@ class SpeechPretrainStage:
 
     def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
         c = self.config
-        encoder = {k.removeprefix("encoder."): v for k, v in trainable.items() if k.startswith("encoder.")}
-        heads = {k: v for k, v in trainable.items() if k.startswith("heads.")}
-        if rest := sorted(trainable.keys() - {f"encoder.{k}" for k in encoder} - heads.keys()):
+        encoder = {f"speech_encoder.{k.removeprefix('encoder.')}": v for k, v in trainable.items()
+                   if k.startswith("encoder.")}
+        heads = {f"best_rq.{k}": v for k, v in trainable.items() if k.startswith("heads.")}
+        if rest := sorted(k for k in trainable if not k.startswith(("encoder.", "heads."))):
             raise CheckpointError(f"tensors {rest[:5]} belong to no part of the speech-pretrain checkpoint")
         # Seeded, so the same as the model's; stored so that a checkpoint alone says what its targets were.
-        quantizer = {f"quantizer.{k}": v for k, v in RandomProjectionQuantizer(c.best_rq).state_dict().items()}
+        quantizer = {f"best_rq.quantizer.{k}": v for k, v in RandomProjectionQuantizer(c.best_rq).state_dict().items()}
+        # Full names, as every mm-llama part: "speech_encoder.*" is `MMLlama.speech_encoder`'s state.
         write_ours(out, trunk={}, parts={"speech_encoder": (dataclasses.asdict(c.encoder), encoder),
                                          "best_rq": (dataclasses.asdict(c.best_rq), {**heads, **quantizer})})
 
@@ -116,8 +118,9 @@ class SpeechPretrainStage:
         parts = read_ours_parts(ckpt)
         if not {"speech_encoder", "best_rq"} <= parts.keys():
             raise CheckpointError(f"{ckpt}: not a speech-pretrain checkpoint (parts {sorted(parts)})")
-        return {**{f"encoder.{k}": v for k, v in parts["speech_encoder"][1].items()},
-                **{k: v for k, v in parts["best_rq"][1].items() if k.startswith("heads.")}}
+        return {**{f"encoder.{k.removeprefix('speech_encoder.')}": v for k, v in parts["speech_encoder"][1].items()},
+                **{k.removeprefix("best_rq."): v for k, v in parts["best_rq"][1].items()
+                   if k.startswith("best_rq.heads.")}}
 
 
 def main(config_path: str | None, overrides: Sequence[str] = (), resume: bool = False) -> TrainResult:

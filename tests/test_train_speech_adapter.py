@@ -1,0 +1,141 @@
+"""Stage `speech-adapter` (paper §8.3.2) on the demo model and shapes-world speech from espeak-ng: the chats
+(system prompts, spans, labels on the target only), the loss falls while the base model stays bit-identical, resume
+equals an uninterrupted run, the encoder starts from a speech-pretrain checkpoint, and bad settings are refused."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import Crash, crash_after
+from mm_llama.checkpoints.composed import read_ours_composed
+from mm_llama.config import load_config
+from mm_llama.data.chat import IGNORE
+from mm_llama.data.speech_chat import SpeechChatBatches, SpeechChatDataConfig
+from mm_llama.errors import ConfigError
+from mm_llama.model import MMLlama
+from mm_llama.tokenizer import Tokenizer
+from mm_llama.train.loop import train
+from mm_llama.train.speech_adapter import SpeechAdapterStage, SpeechAdapterStageConfig
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "speech_adapter.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from mm_llama.data.synth_speech import synth_speech
+
+    out = tmp_path_factory.mktemp("speech")
+    synth_speech(out, 24, seed=5, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base() -> Path:
+    """The embedded demo model: a trunk that knows the shapes world's language, so the targets are learnable in a
+    few steps (through a random trunk, 24 steps move nothing)."""
+    from mm_llama.paths import checkpoint_path
+
+    return checkpoint_path("demo")
+
+
+def stage_config(shards: Path, base: Path, run: Path, *extra: str, **train) -> SpeechAdapterStageConfig:
+    overrides = [f"--base_model={base}", "--pretrained_encoder=null", "--encoder=debug", "--adapter.in_dim=64",
+                 "--adapter.dim=64", "--adapter.n_heads=4", "--adapter.ffn_dim=128", f"--data.shards={shards}",
+                 f"--data.tokenizer={shards / 'tokenizer.model'}", "--data.batch_size=4", "--data.num_workers=0",
+                 "--data.shuffle_buffer=8", f"--train.out_dir={run}", "--train.lr=3e-3", "--train.warmup_steps=2",
+                 "--train.log_every=1", "--train.weight_decay=0.0", *extra,
+                 *(f"--train.{k}={v}" for k, v in train.items())]
+    return load_config(SpeechAdapterStageConfig, CONFIG, overrides)
+
+
+def test_chats_hold_each_utterance_in_its_span_with_labels_on_the_target(shards, base):
+    config = stage_config(shards, base, Path("unused"))
+    tok = Tokenizer.from_file(shards / "tokenizer.model")
+    data = SpeechChatBatches(SpeechChatDataConfig(shards=str(shards), tokenizer=str(shards / "tokenizer.model"),
+                                                  tile_size=84, max_tiles=1, batch_size=8, shuffle_buffer=0,
+                                                  resampled=False), config.adapter, stack=4)
+    batch = next(data.batches())
+    speech, tokens, labels = batch["speech"], batch["tokens"], batch["labels"]
+    assert len(speech) == 8 and batch["images"] is not None
+    from adapters.speech import speech_positions
+
+    need = speech_positions(speech.lengths, 4, config.adapter).tolist()
+    n_images = 0
+    for row, row_labels, n, has_image in zip(tokens.tolist(), labels.tolist(), need, batch["images"].n_images,
+                                             strict=True):
+        start = row.index(tok.speech_start_id)
+        assert row[start + 1 : start + 1 + n] == [tok.speech_id] * n and row[start + 1 + n] == tok.speech_end_id
+        target = [t for t, label in zip(row, row_labels, strict=True) if label != IGNORE]
+        text = tok.decode(target[:-1])
+        assert target[-1] == tok.eot_id and text.strip() and all(label == IGNORE for label in row_labels[:start + n])
+        prompt = tok.decode(row[:start])
+        if has_image:  # a spoken question about a picture: no system prompt, the picture first
+            n_images += 1
+            assert "system" not in prompt and row[start - 1] == tok.image_id
+            assert text.endswith(".")  # an answer
+        else:  # recognition: the paper's prompt, then the transcript
+            assert "Repeat after me in English:" in prompt and tok.image_id not in row
+    assert 0 < n_images < 8
+
+
+def test_loss_falls_the_base_stays_and_resume_equals_uninterrupted(shards, base, tmp_path):
+    config = stage_config(shards, base, tmp_path / "run", steps=24, checkpoint_every=12)
+    result = train(SpeechAdapterStage(config), config.train)
+    losses = [result.losses[k] for k in sorted(result.losses)]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    # The base model's trunk and parts are bit-identical in the checkpoint (and in the trained model).
+    base_config, base_state = read_ours_composed(base)
+    config_after, state_after = read_ours_composed(result.last_checkpoint)
+    assert config_after.speech_encoder is not None and config_after.vision == base_config.vision
+    for k, v in base_state.items():
+        assert torch.equal(state_after[k], v), k
+        assert torch.equal(result.model.state_dict()[k].to(v.dtype), v), k
+    assert MMLlama.from_pretrained(result.last_checkpoint, dtype=torch.float32).transcribe(
+        (torch.zeros(16_000), 16_000), max_new_tokens=2) is not None
+    # A run that dies after step 14 resumes from its step-12 checkpoint and gives the uninterrupted run's losses.
+    crashed = crash_after(SpeechAdapterStage(stage_config(shards, base, tmp_path / "part", steps=24,
+                                                          checkpoint_every=12)), n_batches=14)
+    with pytest.raises(Crash):
+        train(crashed, crashed.config.train)
+    again = stage_config(shards, base, tmp_path / "part", steps=24, checkpoint_every=12)
+    resumed = train(SpeechAdapterStage(again), again.train, resume=True)
+    assert sorted(resumed.losses) == list(range(13, 25))
+    for step in range(13, 25):
+        assert abs(resumed.losses[step] - result.losses[step]) <= 1e-5, step
+
+
+def test_the_encoder_starts_from_a_speech_pretrain_checkpoint(shards, base, tmp_path):
+    from mm_llama.train.speech_pretrain import SpeechPretrainStage, SpeechPretrainStageConfig
+
+    pre = load_config(SpeechPretrainStageConfig, Path(__file__).resolve().parents[1] / "configs" / "demo" /
+                      "speech_pretrain.yaml",
+                      ["--encoder=debug", "--best_rq.codebook_size=64", "--best_rq.n_codebooks=2",
+                       f"--data.shards={shards}", "--data.batch_size=4", "--data.num_workers=0",
+                       "--data.shuffle_buffer=4", f"--train.out_dir={tmp_path / 'pre'}", "--train.steps=2",
+                       "--train.log_every=1"])
+    pretrained = train(SpeechPretrainStage(pre), pre.train).last_checkpoint
+    config = stage_config(shards, base, tmp_path / "run", f"--pretrained_encoder={pretrained}", "--encoder=null")
+    stage = SpeechAdapterStage(config)
+    from mm_llama.train.distributed import Runtime
+
+    model = stage.build(Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False))
+    from mm_llama.checkpoints.ours import read_ours_parts
+
+    encoder = read_ours_parts(pretrained)["speech_encoder"][1]
+    assert encoder and all(torch.equal(model.state_dict()[k], v) for k, v in encoder.items())
+    assert all(p.requires_grad for p in model.speech_encoder.parameters())
+    assert not any(p.requires_grad for p in model.trunk.parameters()) and not any(
+        p.requires_grad for p in model.media.parameters())  # the base's media rows stay
+
+
+def test_bad_settings_are_refused(shards, base, tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of pretrained_encoder"):
+        stage_config(shards, base, tmp_path, "--encoder=null")
+    with pytest.raises(ConfigError, match="data.max_seconds .* is over adapter.max_seconds"):
+        stage_config(shards, base, tmp_path, "--adapter.max_seconds=10", "--data.max_seconds=20")
+    from mm_llama.train.distributed import Runtime
+
+    runtime = Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
+    with pytest.raises(ConfigError, match=r"adapter.in_dim \(32\) must equal the speech encoder's dim \(64\)"):
+        SpeechAdapterStage(stage_config(shards, base, tmp_path, "--adapter.in_dim=32")).build(runtime)
