@@ -3,14 +3,22 @@
     pip install "mm-llama[demo]"
     mm-llama demo --checkpoint runs/demo/image_adapter/checkpoints/step_00003000    # then open http://127.0.0.1:7860
 
-A model with an image encoder chats about uploaded images, one with a video adapter also about an uploaded video;
-a text-only trunk chats in text (an upload it cannot take gets a message saying so). Answers stream token by token,
-greedy. Each answer is to the latest message and its media only: earlier turns stay on screen but are not sent to the
-model (the small demo models answer one question at a time, and a Llama 3.2 Vision prompt holds the images of one
-message).
+A model with an image encoder chats about uploaded images, one with a video adapter also about an uploaded video, one
+with a speech encoder also takes a spoken question or message (an uploaded audio file, or recorded with the
+microphone; the text may then be empty); a text-only trunk chats in text (an upload it cannot take gets a message
+saying so). Answers stream token by token, greedy. Each answer is to the latest message and its media only: earlier
+turns stay on screen but are not sent to the model (the small demo models answer one question at a time, and a Llama
+3.2 Vision prompt holds the images of one message).
 
-A bad upload (a corrupt image or video, a file over the size limit, a file that is neither) and an `MMLlamaError` of the
-model (too many images, a question longer than the context) are answered in the chat, never as a stack trace.
+A bad upload (a corrupt image, video or audio file, a file over the size limit, audio longer than MAX_AUDIO_SECONDS, a
+file of none of these kinds) and an `MMLlamaError` of the model (too many images, a question longer than the context)
+are answered in the chat, never as a stack trace.
+
+The microphone (checked against gradio 6.31's MultimodalTextbox, and in Chromium by the tests): the browser records
+with MediaRecorder (WebM/Opus in Chromium and Firefox, MP4 in Safari), then gradio's page decodes the recording itself
+and uploads it as `audio.wav`, 16-bit PCM at 44.1 kHz. libsndfile reads that as it reads any uploaded WAV, FLAC,
+OGG/Vorbis or Opus, MP3 or AIFF file, so nothing is converted here (libsndfile reads no WebM, which stays a video
+suffix).
 
 What the server exposes (checked against gradio 6.31): the page, its API (`/chat`, `/gradio_api/info`,
 `/gradio_api/upload`) and `/gradio_api/file=PATH` for files under gradio's upload folder, its example cache
@@ -23,7 +31,8 @@ back), turns off the `/monitoring` page, the run history, SSR, MCP, the PWA and 
 Upload size: gradio's `max_file_size` is checked in the browser before the upload starts and again by the server, and a
 file over it gets only gradio's error toast ("File(s) exceed the maximum allowed size of 40.0 Mb: "x.png""), never
 reaching the chat. So `launch` sets `max_file_size` to UPLOAD_CEILING times `max_upload_mb`, the chat function refuses
-files over `max_upload_mb` with a message in the chat, and only files over the ceiling get the toast alone.
+files over `max_upload_mb` with a message in the chat, and only files over the ceiling get the toast alone. A recording
+is uploaded as a file is, under the same limits (a 44.1 kHz 16-bit mono WAV: 10 MB is about two minutes).
 
 gradio is imported only inside the functions here, so `import mm_llama` never needs it.
 """
@@ -53,9 +62,16 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")  # what libsndfile 1.2 reads
 UPLOAD_CEILING = 4  # gradio's max_file_size, in units of max_upload_mb: see the module docstring
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; the decoded RGB image is then 150 MB of memory at most
-TEXT_ONLY = "This model answers text only (it has no image encoder): ask your question without an image."
+# Ten minutes; a 10 MB FLAC of silence holds days of audio, so the length is counted before the model decodes it all.
+MAX_AUDIO_SECONDS = 600
+TEXT_ONLY = ("This model answers text only (it has no image or speech encoder): ask your question in text, without "
+             "a file.")
+IMAGES_SAID = "a PNG, JPEG, GIF, BMP, WebP or TIFF image"
+VIDEOS_SAID = "an MP4, MOV, WebM, MKV or AVI video"
+AUDIO_SAID = "a WAV, FLAC, OGG, Opus, MP3 or AIFF audio file"
 
 
 def _gradio():
@@ -113,25 +129,34 @@ def _check_upload_limit(max_upload_mb: object) -> None:
         raise InputError(f"max_upload_mb must be a number > 0, got {max_upload_mb!r}")
 
 
-def _accepted(max_upload_mb: float, videos: bool) -> str:
-    what = "a PNG, JPEG, GIF, BMP, WebP or TIFF image" + (" or an MP4, MOV, WebM, MKV or AVI video" if videos else "")
+def _accepted(max_upload_mb: float, *, images: bool = True, videos: bool = False, audio: bool = False) -> str:
+    """What the chat takes, said after what was wrong: "upload a PNG, ... image, ... of at most N MB"."""
+    kinds = [said for said, taken in ((IMAGES_SAID, images), (VIDEOS_SAID, videos), (AUDIO_SAID, audio)) if taken]
+    if not kinds:  # a text-only model
+        return "ask in text, without a file"
+    what = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + ", or " + kinds[-1]
     return f"upload {what} of at most {max_upload_mb:g} MB"
 
 
-def _read_upload(path: str, max_upload_mb: float, max_pixels: int, videos: bool = False):
-    """(the RGB image, None), or (None, what is wrong with the upload, said for the chat). `videos`: whether the
-    model takes videos (said in the messages; a video file itself is `_check_video`'s)."""
+def _over_limit(path: str, max_upload_mb: float, accepted: str) -> str | None:
+    """The message for a file over the upload limit; None for one within it."""
+    size = os.path.getsize(path)
+    if size > max_upload_mb * 2**20:  # MB as gradio counts them (max_file_size "10mb" is 10 * 2**20 bytes)
+        return f"{Path(path).name} is {size / 2**20:.3g} MB, over the upload limit; {accepted}."
+    return None
+
+
+def _read_upload(path: str, max_upload_mb: float, max_pixels: int, accepted: str):
+    """(the RGB image, None), or (None, what is wrong with the uploaded image, said for the chat). `accepted`: what
+    the chat takes (`_accepted`), said after what is wrong."""
     from PIL import Image
 
     from encoders.image_transform import load_image
 
     name = Path(path).name
-    accepted = _accepted(max_upload_mb, videos)
-    if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
-        return None, f"{name} is not {'a file' if videos else 'an image'} this demo reads; {accepted}."
-    size = os.path.getsize(path)
-    if size > max_upload_mb * 2**20:  # MB as gradio counts them (max_file_size "10mb" is 10 * 2**20 bytes)
-        return None, f"{name} is {size / 2**20:.3g} MB, over the upload limit; {accepted}."
+    too_large = _over_limit(path, max_upload_mb, accepted)
+    if too_large:
+        return None, too_large
     corrupt = f"{name} cannot be read as an image: it is corrupt, truncated or not really an image; {accepted}."
     try:
         with warnings.catch_warnings():  # PIL warns of large images; the limit below is the one that decides
@@ -150,16 +175,32 @@ def _read_upload(path: str, max_upload_mb: float, max_pixels: int, videos: bool 
         return None, corrupt
 
 
-def _check_video(path: str, max_upload_mb: float) -> str | None:
-    """What is wrong with an uploaded video before decoding (its size), said for the chat; None when nothing is.
-    Decoding is `read_video`'s, in a process of its own with a timeout: its errors are said in the chat too."""
-    size = os.path.getsize(path)
-    if size > max_upload_mb * 2**20:
-        return f"{Path(path).name} is {size / 2**20:.3g} MB, over the upload limit; {_accepted(max_upload_mb, True)}."
+def _check_audio(path: str, max_upload_mb: float, max_seconds: float, accepted: str) -> str | None:
+    """What is wrong with an uploaded audio file, said for the chat; None when nothing is. The file is read through
+    once, 4 MB of samples at a time, up to `max_seconds` (its header's length may lie); the model reads it again."""
+    import soundfile
+
+    too_large = _over_limit(path, max_upload_mb, accepted)
+    if too_large:
+        return too_large
+    name = Path(path).name
+    frames = 0
+    try:
+        with soundfile.SoundFile(path) as f:
+            block_frames = max(1, 2**20 // f.channels)
+            for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):  # (frames, channels)
+                frames += len(block)
+                if frames > max_seconds * f.samplerate:
+                    return f"{name} is longer than {max_seconds:g} s, the longest audio this demo takes; cut it."
+    except (soundfile.SoundFileError, RuntimeError):
+        return f"{name} cannot be read as audio: it is corrupt, truncated or not really audio; {accepted}."
+    if frames == 0:
+        return f"{name} has no audio in it (0 s); {accepted}."
     return None
 
 
-def chat_fn(assistant: Assistant, *, max_upload_mb: float = 10, max_pixels: int = MAX_PIXELS, max_new_tokens: int = 256
+def chat_fn(assistant: Assistant, *, max_upload_mb: float = 10, max_pixels: int = MAX_PIXELS,
+            max_audio_seconds: float = MAX_AUDIO_SECONDS, max_new_tokens: int = 256
             ) -> Callable[[dict, list], Iterator[str]]:
     """The demo's chat function: `chat(message, history)` yields the growing answer to `message`.
 
@@ -167,54 +208,82 @@ def chat_fn(assistant: Assistant, *, max_upload_mb: float = 10, max_pixels: int 
         assistant: an `mm_llama.api.Assistant`.
         max_upload_mb: larger files are refused with a message.
         max_pixels: images with more pixels are refused with a message (from the file header, before decoding).
+        max_audio_seconds: longer audio is refused with a message (counted before the model decodes it).
         max_new_tokens: the longest answer in tokens.
     Returns:
-        `chat(message, history)`: `message` is gradio's multimodal value {"text": str, "files": [path, ...]}; the
-        answer is to `message` alone (`history` is shown, not sent to the model). It yields the answer so far after
-        each token, or one message saying what is wrong with the input.
+        `chat(message, history)`: `message` is gradio's multimodal value {"text": str, "files": [path, ...]}, each
+        file an image, a video or audio by its suffix (at most one video and one audio file; with audio, the text may
+        be empty: a spoken question); the answer is to `message` alone (`history` is shown, not sent to the model).
+        It yields the answer so far after each token, or one message saying what is wrong with the input.
     """
     _check_upload_limit(max_upload_mb)
-    sees_images = assistant.model.config.vision is not None
-    sees_videos = assistant.model.config.video_adapter is not None
+    config = assistant.model.config
+    sees_images, sees_videos = config.vision is not None, config.video_adapter is not None
+    hears = config.speech_adapter is not None
+    accepted = _accepted(max_upload_mb, images=sees_images, videos=sees_videos, audio=hears)
     lock = threading.Lock()  # the Generator's caches serve one answer at a time (the page and the API may both ask)
 
     def chat(message: dict, history: list) -> Iterator[str]:
-        """Answer the latest message (its text and images) with the model, streamed; earlier turns are not sent."""
+        """Answer the latest message (its text and files) with the model, streamed; earlier turns are not sent."""
         text = (message.get("text") or "").strip()
         files = [f["path"] if isinstance(f, dict) else f for f in message.get("files") or []]
-        if files and not sees_images:
+        suffixes = {path: Path(path).suffix.lower() for path in files}
+        videos = [path for path in files if suffixes[path] in VIDEO_SUFFIXES]
+        audios = [path for path in files if suffixes[path] in AUDIO_SUFFIXES]
+        unknown = [path for path in files if suffixes[path] not in IMAGE_SUFFIXES + VIDEO_SUFFIXES + AUDIO_SUFFIXES]
+        if files and not (sees_images or hears):
             yield f"⚠️ {TEXT_ONLY}"
             return
-        videos = [path for path in files if Path(path).suffix.lower() in VIDEO_SUFFIXES]
+        if unknown:
+            kind = "a file" if sees_videos or hears else "an image"
+            yield f"⚠️ {Path(unknown[0]).name} is not {kind} this demo reads; {accepted}."
+            return
+        if audios and not hears:
+            yield ("⚠️ This model has no speech encoder: it does not take audio; type your question instead "
+                   f"({accepted}).")
+            return
+        if len(audios) < len(files) and not sees_images:
+            yield f"⚠️ This model has no image encoder: it takes text and audio; {accepted}."
+            return
         if videos and not sees_videos:
-            yield ("⚠️ This model has no video adapter: it answers about images and text; "
-                   f"{_accepted(max_upload_mb, False)}.")
+            yield (f"⚠️ This model has no video adapter: it answers about {'images, audio' if hears else 'images'} "
+                   f"and text; {accepted}.")
             return
         if len(videos) > 1:
             yield "⚠️ Upload one video per question."
             return
+        if len(audios) > 1:
+            yield "⚠️ Send one audio file per question (one upload or one recording)."
+            return
         images = []
         for path in files:
-            if path in videos:
-                problem = _check_video(path, max_upload_mb)
+            if path in videos:  # decoding is `read_video`'s, in a process of its own with a timeout
+                problem = _over_limit(path, max_upload_mb, accepted)
+            elif path in audios:
+                problem = _check_audio(path, max_upload_mb, max_audio_seconds, accepted)
             else:
-                image, problem = _read_upload(path, max_upload_mb, max_pixels, sees_videos)
+                image, problem = _read_upload(path, max_upload_mb, max_pixels, accepted)
                 images.append(image)
             if problem:
                 yield f"⚠️ {problem}"
                 return
-        if not text:
-            yield "⚠️ Type a question" + (" about the video." if videos else " about the image." if images else ".")
+        if not text and not audios:
+            about = " about the video" if videos else " about the image" if images else ""
+            yield (f"⚠️ Type a question{about}"
+                   + (", or ask it aloud (the microphone, or an audio file)." if hears else "."))
             return
         answer = ""
         with lock:
             try:
-                for piece in assistant.ask_stream(text, images=images or None, video=videos[0] if videos else None,
-                                                  max_new_tokens=max_new_tokens):
+                for piece in assistant.ask_stream(text or None, images=images or None,
+                                                  video=videos[0] if videos else None,
+                                                  audio=audios[0] if audios else None, max_new_tokens=max_new_tokens):
                     answer += piece
                     yield answer
-            except MMLlamaError as e:  # a video that does not decode is said with its name, not gradio's path
-                said = str(e).replace(videos[0], Path(videos[0]).name) if videos else str(e)
+            except MMLlamaError as e:  # a video or audio file that does not decode is said with its name
+                said = str(e)
+                for path in videos + audios:  # gradio's path of the upload says nothing to the user
+                    said = said.replace(path, Path(path).name)
                 yield (answer + "\n\n" if answer else "") + f"⚠️ {said}"
                 return
         if not answer:
@@ -224,7 +293,8 @@ def chat_fn(assistant: Assistant, *, max_upload_mb: float = 10, max_pixels: int 
 
 
 def build_demo(assistant: Assistant, *, examples: list[dict] | None = None, max_upload_mb: float = 10,
-               max_pixels: int = MAX_PIXELS, max_new_tokens: int = 256, title: str = "mm-llama") -> gr.Blocks:
+               max_pixels: int = MAX_PIXELS, max_audio_seconds: float = MAX_AUDIO_SECONDS, max_new_tokens: int = 256,
+               title: str = "mm-llama") -> gr.Blocks:
     """The chat page for `assistant`, as a `gr.Blocks` (serve it with `launch`, which also limits uploads).
 
     Args:
@@ -232,29 +302,38 @@ def build_demo(assistant: Assistant, *, examples: list[dict] | None = None, max_
         examples: clickable inputs [{"text": question, "files": [image or video path]}] (`_write_examples`); the
             files of a text-only model's examples are dropped, and so are the examples with a video for a model
             without a video adapter.
-        max_upload_mb, max_pixels, max_new_tokens: as for `chat_fn`.
+        max_upload_mb, max_pixels, max_audio_seconds, max_new_tokens: as for `chat_fn`.
         title: the page's heading.
     Returns:
-        a `gr.Blocks` (a `gr.ChatInterface`) whose chat endpoint is `/chat`.
+        a `gr.Blocks` (a `gr.ChatInterface`) whose chat endpoint is `/chat`; the textbox has a microphone when the
+        model has a speech encoder.
     """
     gr = _gradio()
-    sees_images = assistant.model.config.vision is not None
-    sees_videos = assistant.model.config.video_adapter is not None
+    config = assistant.model.config
+    sees_images, sees_videos = config.vision is not None, config.video_adapter is not None
+    hears = config.speech_adapter is not None
     if examples and not sees_videos:
         examples = [e for e in examples if not any(Path(f).suffix == ".mp4" for f in e["files"])]
     if examples and not sees_images:
         examples = [{"text": e["text"], "files": []} for e in examples]
-    what = ("Upload an image or a video (the paper clip, or drop it on the box) and ask about it." if sees_videos
-            else "Upload an image (the paper clip, or drop it on the box) and ask about it." if sees_images
-            else "This model answers text only.")
-    description = (f"{what} Answers are greedy and to the latest message only (earlier turns are not sent to the "
-                   f"model). Uploads: {'images or one video' if sees_videos else 'images'} of at most "
-                   f"{max_upload_mb:g} MB.")
-    textbox = gr.MultimodalTextbox(file_count="multiple", sources=["upload"], placeholder="Ask a question")
+    said = [("Upload an image or a video (the paper clip, or drop it on the box) and ask about it." if sees_videos
+             else "Upload an image (the paper clip, or drop it on the box) and ask about it." if sees_images
+             else "" if hears else "This model answers text only."),
+            ("Ask aloud: record with the microphone, or upload an audio file (WAV, FLAC, OGG, MP3); the text may then "
+             "be empty." if hears else ""),
+            "Answers are greedy and to the latest message only (earlier turns are not sent to the model)."]
+    uploads = [kind for kind, taken in (("images", sees_images), ("one video", sees_videos),
+                                        ("one audio file", hears)) if taken]
+    if uploads:
+        listed = ", ".join(uploads[:-1]) + " and " + uploads[-1] if len(uploads) > 1 else uploads[0]
+        said.append(f"Uploads: {listed}, each file of at most {max_upload_mb:g} MB.")
+    description = " ".join(sentence for sentence in said if sentence)
+    textbox = gr.MultimodalTextbox(file_count="multiple", sources=["upload", "microphone"] if hears else ["upload"],
+                                   placeholder="Ask a question")
     # No "share" button: it would post the conversation to Hugging Face.
     chatbot = gr.Chatbot(label=title, scale=1, buttons=["copy", "copy_all"])
     return gr.ChatInterface(chat_fn(assistant, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
-                                    max_new_tokens=max_new_tokens),
+                                    max_audio_seconds=max_audio_seconds, max_new_tokens=max_new_tokens),
                             multimodal=True, textbox=textbox, chatbot=chatbot, examples=examples or None, title=title,
                             description=description, api_name="chat", analytics_enabled=False,
                             concurrency_limit=1, flagging_mode="never", fill_height=True)

@@ -1,6 +1,7 @@
 """The Gradio demo (`mm-llama demo`): the page in a real browser (Debian's chromium through playwright), its `/chat`
-API through gradio_client, the chat function's answers to bad uploads and model errors, a text-only model, and what
-the server refuses to serve."""
+API through gradio_client, the chat function's answers to bad uploads and model errors, a text-only model, spoken
+questions (an uploaded file and the microphone, espeak-ng's speech on a random speech model), and what the server
+refuses to serve."""
 
 import io
 import os
@@ -13,11 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 import torch
 from PIL import Image
 
-from conftest import make_clip, make_video_model
+from conftest import espeak_wave, make_clip, make_speech_model, make_video_model
 from mm_llama.api import Assistant
 from mm_llama.demo import TEXT_ONLY, _write_examples, build_demo, chat_fn, clip_examples, launch
 from mm_llama.errors import InputError, MMLlamaError
@@ -86,6 +89,25 @@ def held_out_scene(tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
+def speech_checkpoint(tmp_path_factory) -> Path:
+    """A random model with an image encoder and a speech encoder (`make_speech_model`)."""
+    return make_speech_model(tmp_path_factory.mktemp("speech-model") / "model")
+
+
+@pytest.fixture(scope="module")
+def speech_assistant(speech_checkpoint) -> Assistant:
+    return Assistant.from_pretrained(speech_checkpoint, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def spoken_question(tmp_path_factory) -> Path:
+    """QUESTION spoken by espeak-ng, as a 22.05 kHz 16-bit WAV (1.7 s)."""
+    path = tmp_path_factory.mktemp("spoken") / "question.wav"
+    soundfile.write(path, *espeak_wave(QUESTION))
+    return path
+
+
+@pytest.fixture(scope="module")
 def expected(assistant, shapes_png) -> str:
     answer = assistant.ask(QUESTION, image=shapes_png)  # greedy: the page must show exactly this
     assert answer.strip()
@@ -138,7 +160,7 @@ def test_answers_stream_and_equal_ask(assistant, shapes_png, expected):
 
 def test_bad_uploads_are_answered_in_the_chat(assistant, shapes_png, tmp_path):
     chat = chat_fn(assistant, max_upload_mb=0.01)  # 10,485 bytes
-    for name in ("notes.txt", "speech.wav", "no-suffix"):
+    for name in ("notes.txt", "speech.m4a", "no-suffix"):
         (message,) = ask(chat, QUESTION, write(tmp_path / name, b"RIFF....WAVE" + bytes(100)))
         assert message.startswith("⚠️ ") and f"{name} is not an image this demo reads" in message
         assert "PNG, JPEG" in message and "0.01 MB" in message
@@ -187,10 +209,58 @@ def test_an_image_model_says_so_for_a_video(assistant, tmp_path):
     assert message.startswith("⚠️ This model has no video adapter: it answers about images and text")
 
 
-def test_a_text_only_model_answers_text_and_says_so_for_images(checkpoints, shapes_png):
+def test_a_spoken_question_is_answered_as_ask_answers_it(speech_assistant, spoken_question, shapes_png):
+    chat = chat_fn(speech_assistant, max_new_tokens=6)
+    streamed = ask(chat, "", spoken_question)  # no text: the question is the audio
+    assert streamed[-1] == speech_assistant.ask(audio=str(spoken_question), max_new_tokens=6) and len(streamed) > 1
+    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:], strict=False))
+    # Text, an image and audio together, in any order of upload.
+    answer = speech_assistant.ask("What colour is it?", image=shapes_png, audio=str(spoken_question), max_new_tokens=6)
+    assert ask(chat, "What colour is it?", spoken_question, shapes_png)[-1] == answer
+    assert ask(chat, "", shapes_png) == ["⚠️ Type a question about the image, or ask it aloud (the microphone, or an "
+                                         "audio file)."]
+    demo = build_demo(speech_assistant)
+    assert demo.textbox.sources == ["upload", "microphone"] and "Ask aloud" in demo.description
+
+
+def test_bad_audio_is_answered_in_the_chat(speech_assistant, spoken_question, tmp_path):
+    chat = chat_fn(speech_assistant, max_upload_mb=0.1)
+    (message,) = ask(chat, QUESTION, spoken_question, spoken_question)
+    assert message == "⚠️ Send one audio file per question (one upload or one recording)."
+    (message,) = ask(chat, "", write(tmp_path / "broken.wav", b"these are words, not audio"))
+    assert message.startswith("⚠️ broken.wav cannot be read as audio: it is corrupt, truncated or not really audio")
+    assert "WAV, FLAC, OGG, Opus, MP3 or AIFF audio file" in message and str(tmp_path) not in message
+    (message,) = ask(chat, "", write(tmp_path / "big.flac", bytes(120_000)))
+    assert message.startswith("⚠️ big.flac is 0.114 MB, over the upload limit; upload a PNG, JPEG")
+    (message,) = ask(chat_fn(speech_assistant, max_audio_seconds=1), "", spoken_question)
+    assert message == "⚠️ question.wav is longer than 1 s, the longest audio this demo takes; cut it."
+    with soundfile.SoundFile(tmp_path / "hour.flac", "w", 8000, 1, format="FLAC") as f:  # an hour in 90 KB
+        for _ in range(60):
+            f.write(np.zeros(8000 * 60, dtype=np.int16))
+    (message,) = ask(chat, "", tmp_path / "hour.flac")  # refused before the model decodes it
+    assert message == "⚠️ hour.flac is longer than 600 s, the longest audio this demo takes; cut it."
+    # What the model refuses is said with the file's name, not gradio's path of the upload.
+    soundfile.write(tmp_path / "click.wav", [0.5, -0.5, 0.5], 16_000)
+    (message,) = ask(chat, "", tmp_path / "click.wav")
+    assert message.startswith("⚠️ audio file click.wav has 3 samples") and str(tmp_path) not in message
+    (message,) = ask(chat, "", write(tmp_path / "notes.txt", b"hi"))
+    assert message.startswith("⚠️ notes.txt is not a file this demo reads; upload a PNG, JPEG")
+    assert "WAV, FLAC" in message
+
+
+def test_a_model_without_speech_says_so_for_audio(assistant, spoken_question, shapes_png, tmp_path):
+    (message,) = ask(chat_fn(assistant), "", spoken_question)
+    assert message.startswith("⚠️ This model has no speech encoder: it does not take audio; type your question")
+    assert build_demo(assistant).textbox.sources == ["upload"]  # no microphone
+    hears_only = Assistant.from_pretrained(make_speech_model(tmp_path / "model", vision=False), dtype=torch.float32)
+    (message,) = ask(chat_fn(hears_only), QUESTION, spoken_question, shapes_png)
+    assert message.startswith("⚠️ This model has no image encoder: it takes text and audio; upload a WAV, FLAC")
+
+
+def test_a_text_only_model_answers_text_and_says_so_for_files(checkpoints, shapes_png, spoken_question):
     trunk = Assistant.from_pretrained(checkpoints[1], dtype=torch.float32)
     chat = chat_fn(trunk)
-    assert ask(chat, QUESTION, shapes_png) == [f"⚠️ {TEXT_ONLY}"]
+    assert ask(chat, QUESTION, shapes_png) == [f"⚠️ {TEXT_ONLY}"] == ask(chat, "", spoken_question)
     assert "answers text only" in TEXT_ONLY
     assert ask(chat, QUESTION)[-1] == trunk.ask(QUESTION)
     demo = build_demo(trunk, examples=[{"text": QUESTION, "files": [str(shapes_png)]}])
@@ -353,6 +423,80 @@ def test_a_video_question_in_a_browser(server):
             assert " ".join(answers.nth(0).inner_text().split()) == " ".join(expected.split())
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def speech_demo(speech_checkpoint, tmp_path_factory):
+    """(URL, checkpoint) of `mm-llama demo --checkpoint` serving a random model with a speech encoder, as `server`
+    serves the embedded model (once the embedded model hears, this is `server`'s URL and "demo")."""
+    for url in serve(tmp_path_factory, "--checkpoint", str(speech_checkpoint)):
+        yield url, speech_checkpoint
+
+
+def test_a_spoken_question_in_a_browser(speech_demo, spoken_question, tmp_path):
+    """A spoken question sent with no text, uploaded as a WAV, then recorded with the microphone (Chromium's fake
+    capture device playing the same WAV): the page shows what `Assistant.ask` answers for the uploaded file, and for
+    the recording as the page uploaded it (gradio's page turns the browser's recording into a 44.1 kHz 16-bit WAV)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
+    import httpx
+    from playwright.sync_api import expect, sync_playwright
+
+    url, checkpoint = speech_demo
+    model = Assistant.from_pretrained(checkpoint, dtype=torch.float32)
+    elsewhere: list[str] = []
+
+    def local_only(route):
+        if route.request.url.startswith(url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    microphone = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                  f"--use-file-for-fake-audio-capture={spoken_question}"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", *microphone])
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 1200})
+            context.grant_permissions(["microphone", "clipboard-read", "clipboard-write"])
+            page = context.new_page()
+            page.route("**/*", local_only)
+            page.goto(url)
+            answers, textbox = page.locator("[data-testid=bot]"), page.locator("textarea")
+
+            def send() -> str:
+                """Send the attached audio with no text; the answer as the page holds it (what its copy button
+                copies: a random model's tokens are no words, and markdown may render them otherwise)."""
+                n = answers.count()
+                expect(page.locator("[aria-label='File thumbnail']")).to_have_count(1)
+                expect(textbox).to_have_value("")
+                textbox.press("Enter")
+                expect(answers).to_have_count(n + 1, timeout=60_000)
+                expect(textbox).to_be_editable(timeout=60_000)
+                page.get_by_role("button", name="Copy message").last.click()
+                return page.evaluate("navigator.clipboard.readText()")
+
+            page.locator("input[type=file]").set_input_files(str(spoken_question))
+            assert send() == model.ask(audio=str(spoken_question))
+            page.get_by_role("button", name="Record audio").click()
+            page.get_by_role("button", name="Start recording").click()
+            page.wait_for_timeout(1000)  # about 1.4 s of audio; the 0.25 MB upload limit holds 3 s of the page's WAV
+            with page.expect_response(lambda r: r.url.endswith("/gradio_api/upload")) as upload:
+                page.get_by_role("button", name="Stop recording").click()
+            (recorded,) = upload.value.json()  # the path of the recording on the server
+            page.get_by_role("button", name="Attach audio").click()
+            shown = send()
+        finally:
+            browser.close()
+    recording = tmp_path / "recording.wav"
+    recording.write_bytes(httpx.get(f"{url}gradio_api/file={recorded}").content)
+    info = soundfile.info(recording)
+    assert (Path(recorded).name, info.format, info.subtype, info.samplerate) == ("audio.wav", "WAV", "PCM_16", 44100)
+    assert 0.5 < info.duration < 3
+    assert shown == model.ask(audio=str(recording))
+    assert not elsewhere, f"the page asked for something other than the demo: {elsewhere}"
 
 
 def test_the_chat_api_through_gradio_client(server, held_out_scene, tmp_path, monkeypatch):

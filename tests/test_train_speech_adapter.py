@@ -139,3 +139,45 @@ def test_bad_settings_are_refused(shards, base, tmp_path):
     runtime = Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
     with pytest.raises(ConfigError, match=r"adapter.in_dim \(32\) must equal the speech encoder's dim \(64\)"):
         SpeechAdapterStage(stage_config(shards, base, tmp_path, "--adapter.in_dim=32")).build(runtime)
+
+
+def test_samples_the_stage_cannot_use_are_skipped_with_their_reason(shards):
+    import json
+
+    from adapters.speech import SpeechAdapterConfig
+    from mm_llama.data.pipeline import BadSample
+    from mm_llama.data.speech_chat import _Decode, speech_chat
+
+    assert speech_chat({"task": "asr", "language": "English"}, "It is red.", "k") == (
+        "asr", "Repeat after me in English:", "It is red.")
+    assert speech_chat({"task": "ast", "language": "French", "target": "Il est rouge."}, "It is red.", "k") == (
+        "ast", "Translate the following sentence into French:", "Il est rouge.")
+    assert speech_chat({"task": "dialogue", "answer": "It is red."}, None, "k") == ("dialogue", None, "It is red.")
+    for record, text, reason in (({"task": "speak"}, "x", "json 'task' must be one of"),
+                                 ({"task": "asr", "language": "English"}, None, "needs a 'txt' transcript"),
+                                 ({"task": "ast", "language": "French"}, "x", "needs json 'target'"),
+                                 ({"task": "asr"}, "x", "needs json 'language'"),
+                                 ([], "x", "got 'list'")):
+        with pytest.raises(BadSample, match=reason):
+            speech_chat(record, text, "k")
+    import tarfile
+
+    with tarfile.open(sorted(shards.glob("*.tar"))[0]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    key = sorted(name.split(".")[0] for name in members)[0]
+    sample = {"__key__": key, **{name.split(".", 1)[1]: data for name, data in members.items()
+                                 if name.startswith(key + ".")}}
+    tok = Tokenizer.from_file(shards / "tokenizer.model")
+    decode = _Decode(tok, SpeechAdapterConfig(in_dim=64, dim=64, n_heads=4), 4, max_seconds=60, seq_len=256)
+    chat = decode(sample)
+    assert len(chat.tokens) == len(chat.labels) and chat.n_samples > 16_000 * 0.5
+    for changed, reason in (({"flac": b"not audio"}, "does not decode"), ({"json": b"{"}, "not UTF-8 text/JSON"),
+                            ({"flac": None}, "needs an audio member")):
+        bad = {k: v for k, v in {**sample, **changed}.items() if v is not None}
+        with pytest.raises(BadSample, match=reason):
+            decode(bad)
+    with pytest.raises(BadSample, match="over data.max_seconds"):
+        _Decode(tok, SpeechAdapterConfig(in_dim=64, dim=64, n_heads=4), 4, max_seconds=0.5, seq_len=256)(sample)
+    with pytest.raises(BadSample, match=r"its chat is \d+ tokens, over data.seq_len \(20\)"):
+        _Decode(tok, SpeechAdapterConfig(in_dim=64, dim=64, n_heads=4), 4, max_seconds=60, seq_len=20)(sample)
+    assert json.loads(sample["json"])["task"] in ("asr", "dialogue")
