@@ -15,7 +15,6 @@ the whole model in mm-llama's format, the trunk by reference (as the video stage
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,16 +24,14 @@ from torch import nn
 
 from adapters.speech import SpeechAdapterConfig
 from encoders.speech import SpeechEncoderConfig
-from mm_llama.checkpoints.composed import read_ours_with_trunk_dir
-from mm_llama.checkpoints.fingerprint import trunk_fingerprint
-from mm_llama.checkpoints.ours import read_ours_parts, split_parts, trunk_reference, write_ours
+from mm_llama.checkpoints.ours import read_ours_parts
 from mm_llama.config import from_dict
 from mm_llama.data.speech_chat import SpeechChatBatches, SpeechChatDataConfig
 from mm_llama.errors import CheckpointError, ConfigError
-from mm_llama.llama import Llama
 from mm_llama.media import Media
 from mm_llama.model import MMLlama
 from mm_llama.paths import checkpoint_path
+from mm_llama.train.base_model import BaseModel, read_base_model
 from mm_llama.train.distributed import Runtime
 from mm_llama.train.image_adapter import answer_targets, chat_loss
 from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
@@ -79,17 +76,17 @@ class SpeechAdapterStage:
         self.tokenizer_path = Path(config.data.tokenizer)
         self.base_model = checkpoint_path(config.base_model)
         self._model_config = None
-        self._trunk: tuple[Path, str] | None = None
-        self._frozen: dict[str, torch.Tensor] = {}  # the base model's parts as stored, written with each checkpoint
+        self._base: BaseModel | None = None  # the base model, whose parts are written with each checkpoint
         self._trained_parts = ("speech_encoder", "speech_adapter")
 
     def build(self, runtime: Runtime) -> nn.Module:
         c = self.config
         try:
-            base, state, trunk_dir = read_ours_with_trunk_dir(self.base_model)
+            self._base = read_base_model(self.base_model, f"base_model {c.base_model}")
         except CheckpointError as e:
-            raise CheckpointError(f"base_model {c.base_model}: {e} (the speech stage builds on an mm-llama checkpoint: "
-                                  "a stage lm, image-adapter or video-adapter checkpoint, or 'demo')") from None
+            raise CheckpointError(f"{e} (the speech stage builds on an mm-llama checkpoint: a stage lm, image-adapter "
+                                  "or video-adapter checkpoint, or 'demo')") from None
+        base = self._base.config
         if base.speech_adapter is not None:
             raise ConfigError(f"base_model {c.base_model} already has a speech adapter; give the model without it")
         encoder_state = {}
@@ -99,23 +96,22 @@ class SpeechAdapterStage:
         if c.adapter.in_dim != encoder.dim:
             raise ConfigError(f"adapter.in_dim ({c.adapter.in_dim}) must equal the speech encoder's dim "
                               f"({encoder.dim})")
-        config = replace(base, speech_encoder=encoder, speech_adapter=c.adapter)
-        trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
-        self._trunk = (trunk_dir, trunk_fingerprint(trunk_state, tie_embeddings=base.trunk.tie_embeddings))
-        self._frozen = {k: v for k, v in state.items() if not k.startswith("trunk.")}
         if not base.has_media:  # a text model: the speech tokens' rows are new, and learn
             self._trained_parts += ("media",)
-        with torch.device(runtime.device):
-            model = MMLlama(config, trunk=Llama(base.trunk))
+        try:
+            model = self._base.build(replace(base, speech_encoder=encoder, speech_adapter=c.adapter), runtime.device,
+                                     new=self._trained_parts)
+        except CheckpointError as e:
+            raise CheckpointError(f"base_model {c.base_model}: {e}") from None
+        if encoder_state:
+            try:
+                model.speech_encoder.load_state_dict(
+                    {k.removeprefix("speech_encoder."): v.float() for k, v in encoder_state.items()}, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"pretrained_encoder {c.pretrained_encoder}: its weights do not fit its config "
+                                      f"({e})") from None
         if not base.has_media:
             nn.init.normal_(model.media.learnable_embedding.weight, std=0.02)
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in {**state, **encoder_state}.items()},
-                                                    strict=False)
-        new = tuple(f"{name}." for name in self._trained_parts if not (name == "speech_encoder" and encoder_state))
-        missing = [k for k in missing if not k.startswith(new)]
-        if missing or unexpected:
-            raise CheckpointError(f"base_model {c.base_model} or pretrained_encoder: weights do not fit (missing "
-                                  f"{missing[:5]}, unexpected {unexpected[:5]})")
         model.requires_grad_(False)
         for name in self._trained_parts:
             getattr(model, name).requires_grad_(True)
@@ -148,11 +144,7 @@ class SpeechAdapterStage:
     def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
         """The trained speech parts with the base model's frozen parts (a loadable model), the trunk by reference,
         and the tokenizer."""
-        frozen = {k: v for k, v in self._frozen.items() if k not in trainable}
-        parts = split_parts({**frozen, **trainable}, self._model_config.part_configs())
-        trunk_dir, fingerprint = self._trunk
-        write_ours(out, trunk=trunk_reference(trunk_dir, out, fingerprint), parts=parts)
-        shutil.copy2(self.tokenizer_path, out / "tokenizer.model")
+        self._base.save_with(out, trainable, self._model_config, self.tokenizer_path)
 
     def load(self, ckpt: Path) -> dict[str, torch.Tensor]:
         parts = read_ours_parts(ckpt)

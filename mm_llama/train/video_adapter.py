@@ -15,7 +15,6 @@ Checkpoints are in mm-llama's format, the trunk by reference (as the image stage
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,15 +23,13 @@ import torch
 from torch import nn
 
 from adapters.video import VideoAdapterConfig
-from mm_llama.checkpoints.composed import read_ours_with_trunk_dir
-from mm_llama.checkpoints.fingerprint import trunk_fingerprint
-from mm_llama.checkpoints.ours import read_ours_parts, split_parts, trunk_reference, write_ours
+from mm_llama.checkpoints.ours import read_ours_parts
 from mm_llama.data.video import VideoDataConfig, VideoTextBatches
 from mm_llama.errors import CheckpointError, ConfigError
-from mm_llama.llama import Llama
 from mm_llama.media import Media
 from mm_llama.model import MMLlama
 from mm_llama.paths import checkpoint_path
+from mm_llama.train.base_model import BaseModel, read_base_model
 from mm_llama.train.distributed import Runtime
 from mm_llama.train.image_adapter import answer_targets, chat_loss, training_blocks
 from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
@@ -63,17 +60,16 @@ class VideoAdapterStage:
         self.tokenizer_path = Path(config.data.tokenizer)
         self.image_model = checkpoint_path(config.image_model)
         self._model_config = None  # the built model's config, for `save`
-        self._trunk: tuple[Path, str] | None = None
-        self._frozen: dict[str, torch.Tensor] = {}  # the image model's parts as stored, written with each checkpoint
+        self._base: BaseModel | None = None  # the image model, whose parts are written with each checkpoint
 
     def build(self, runtime: Runtime) -> nn.Module:
         c = self.config
         try:
-            base, state, trunk_dir = read_ours_with_trunk_dir(self.image_model)
+            self._base = read_base_model(self.image_model, f"image_model {c.image_model}")
         except CheckpointError as e:
-            raise CheckpointError(f"image_model {c.image_model}: {e} (the video stage starts from an mm-llama "
-                                  "checkpoint with an image adapter: a stage image-adapter checkpoint, or 'demo')"
-                                  ) from None
+            raise CheckpointError(f"{e} (the video stage starts from an mm-llama checkpoint with an image adapter: a "
+                                  "stage image-adapter checkpoint, or 'demo')") from None
+        base = self._base.config
         if base.image_adapter is None:
             raise ConfigError(f"image_model {c.image_model} has no image adapter: the video stage builds on a trained "
                               "image model (its ViT encodes the frames, its blocks place the video blocks)")
@@ -81,17 +77,10 @@ class VideoAdapterStage:
         if (v.tile_size, v.max_tiles) != (c.data.tile_size, c.data.max_tiles):
             raise ConfigError(f"data tiles ({c.data.tile_size} px, up to {c.data.max_tiles}) differ from the image "
                               f"model's encoder ({v.tile_size} px, up to {v.max_tiles}); make them match")
-        config = replace(base, video_adapter=c.adapter)
-        trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
-        self._trunk = (trunk_dir, trunk_fingerprint(trunk_state, tie_embeddings=base.trunk.tie_embeddings))
-        self._frozen = {k: v for k, v in state.items() if not k.startswith("trunk.")}
-        with torch.device(runtime.device):
-            model = MMLlama(config, trunk=Llama(base.trunk))
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        missing = [k for k in missing if not k.startswith("video_adapter.")]
-        if missing or unexpected:
-            raise CheckpointError(f"image_model {c.image_model}: weights do not fit (missing {missing[:5]}, unexpected "
-                                  f"{unexpected[:5]})")
+        try:
+            model = self._base.build(replace(base, video_adapter=c.adapter), runtime.device, new=("video_adapter",))
+        except CheckpointError as e:
+            raise CheckpointError(f"image_model {c.image_model}: {e}") from None
         if c.init_blocks_from_image:
             _copy_image_blocks(model)
         model.requires_grad_(False)
@@ -123,11 +112,7 @@ class VideoAdapterStage:
     def save(self, trainable: dict[str, torch.Tensor], out: Path) -> None:
         """The trained video adapter with the image model's frozen parts (a loadable model), the trunk by
         reference, and the tokenizer."""
-        frozen = {k: v for k, v in self._frozen.items() if k not in trainable}
-        parts = split_parts({**frozen, **trainable}, self._model_config.part_configs())
-        trunk_dir, fingerprint = self._trunk
-        write_ours(out, trunk=trunk_reference(trunk_dir, out, fingerprint), parts=parts)
-        shutil.copy2(self.tokenizer_path, out / "tokenizer.model")
+        self._base.save_with(out, trainable, self._model_config, self.tokenizer_path)
 
     def load(self, ckpt: Path) -> dict[str, torch.Tensor]:
         parts = read_ours_parts(ckpt)
