@@ -32,7 +32,7 @@ def test_ask_about_a_video_uses_the_clip(video_model, clips):
     answer = assistant.ask("What appears?", video=clips[0], max_new_tokens=6)
     assert isinstance(answer, str) and answer == assistant.ask("What appears?", video=str(clips[0]), max_new_tokens=6)
     # The prompt's last logits depend on which clip it is, and the video part opens the user turn.
-    prompt, images, videos = assistant._prompt("What appears?", None, None, None, clips[0])
+    prompt, images, videos, _ = assistant._prompt("What appears?", None, None, None, clips[0])
     assert images == [] and videos == [clips[0]] and assistant.tokenizer.video_id in prompt
     model, vision = assistant.model, assistant.model.config.vision
     tokens = torch.tensor([prompt])
