@@ -228,7 +228,9 @@ class Assistant:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         config = self.model.config.speech_adapter
         if config is None:
-            raise InputError("this model has no speech encoder: it cannot transcribe audio")
+            raise InputError("this model has no speech encoder: it cannot transcribe audio; give a checkpoint with a "
+                             "speech adapter (mm-llama recipe demo --out DIR --video-model demo trains one on the demo "
+                             "model)")
         system = f"Repeat after me in {language.strip()}:"
         texts, group = [], []
 
