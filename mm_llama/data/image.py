@@ -21,7 +21,7 @@ from mm_llama.data.pipeline import ShardBatches, shard_config_problems
 from mm_llama.errors import ConfigError
 from mm_llama.tokenizer import Tokenizer
 
-__all__ = ["CAPTION_PROMPT", "IGNORE", "ImageDataConfig", "ImageTextBatches"]
+__all__ = ["CAPTION_PROMPT", "IGNORE", "ImageDataConfig", "ImageTextBatches", "decode_image"]
 
 CAPTION_PROMPT = "Describe the image."
 _IMAGE_MEMBERS = ("png", "jpg", "jpeg")
@@ -68,7 +68,7 @@ class ImageDataConfig:
             raise ConfigError("invalid ImageDataConfig: " + "; ".join(problems))
 
 
-def _open(data: bytes) -> Image.Image:
+def decode_image(data: bytes) -> Image.Image:
     """Image bytes → RGB PIL image; `InputError` (or PIL's own errors) when they do not decode."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image applies its own pixel limit
@@ -79,7 +79,8 @@ class _Decode(ChatDecode):
     """sample → `Chat` of its image, or `BadSample`."""
 
     def __init__(self, task: str, seed: int):
-        super().__init__(task, seed, kind="image", members=_IMAGE_MEMBERS, check=_open, caption_prompt=CAPTION_PROMPT)
+        super().__init__(task, seed, kind="image", members=_IMAGE_MEMBERS, check=decode_image,
+                         caption_prompt=CAPTION_PROMPT)
 
 
 class _Row(NamedTuple):
@@ -96,7 +97,7 @@ class _Prepare:
 
     def __call__(self, chat: Chat) -> _Row:
         tokens, labels = encode_chat(self.tokenizer, chat.turns, "image", self.seq_len)
-        return _Row(self.transform(_open(chat.media)), tokens, labels)
+        return _Row(self.transform(decode_image(chat.media)), tokens, labels)
 
 
 class _Collate:

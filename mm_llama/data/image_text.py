@@ -10,15 +10,13 @@ Batch legend: B = batch_size rows, T = max_tiles, S = tile_size.
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
 from PIL import Image
 
-from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images, load_image
-from mm_llama.data.image import ImageDataConfig
+from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images
+from mm_llama.data.image import ImageDataConfig, decode_image
 from mm_llama.data.pipeline import BadSample, ShardBatches
 from mm_llama.errors import ConfigError, InputError
 
@@ -32,12 +30,6 @@ class _Pair(NamedTuple):
     caption: str
 
 
-def _open(data: bytes) -> Image.Image:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image applies its own pixel limit
-        return load_image(Image.open(io.BytesIO(data)))
-
-
 def _decode(sample: dict) -> _Pair:
     """sample → `_Pair`, or `BadSample` (a module-level function: picklable for DataLoader workers)."""
     key = sample["__key__"]
@@ -46,7 +38,7 @@ def _decode(sample: dict) -> _Pair:
     if image is None:
         raise BadSample(f"sample {key} has no image member ({'/'.join(_IMAGE_MEMBERS)}; it has {members})")
     try:  # decoded here, so that a bad image is counted even when fast-forwarded over
-        _open(image)
+        decode_image(image)
     except (InputError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadSample(f"sample {key}: the image does not decode ({type(e).__name__}: {e})") from None
     if "txt" not in sample:
@@ -67,7 +59,7 @@ class _Prepare:
         self.transform = transform
 
     def __call__(self, pair: _Pair) -> tuple:
-        return self.transform(_open(pair.image)), pair.caption
+        return self.transform(decode_image(pair.image)), pair.caption
 
 
 def _collate(rows: list[tuple]) -> dict:

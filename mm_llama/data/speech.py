@@ -25,7 +25,7 @@ from encoders.audio import HOP, SAMPLE_RATE, load_audio, log_mel, normalize
 from mm_llama.data.pipeline import BadSample, ShardBatches, shard_config_problems
 from mm_llama.errors import ConfigError, InputError
 
-__all__ = ["SpeechDataConfig", "SpeechBatches"]
+__all__ = ["SpeechBatches", "SpeechDataConfig", "decode_audio"]
 
 _AUDIO_MEMBERS = ("flac", "wav")
 
@@ -65,7 +65,7 @@ class SpeechDataConfig:
             raise ConfigError("invalid SpeechDataConfig: " + "; ".join(problems))
 
 
-def _read(data: bytes, name: str) -> tuple[np.ndarray, int]:
+def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
     """An audio member's bytes -> (samples (n, channels) float32, rate) at the file's own rate; InputError when it
     does not decode."""
     try:
@@ -89,7 +89,7 @@ class _Decode:
             have = sorted(k for k in sample if not k.startswith("__"))
             raise BadSample(f"sample {key} has no audio member ({'/'.join(_AUDIO_MEMBERS)}; it has {have})")
         try:  # read here, so that a bad file is counted even when fast-forwarded over
-            samples, rate = _read(sample[member], f"sample {key}'s {member}")
+            samples, rate = decode_audio(sample[member], f"sample {key}'s {member}")
             wave = load_audio((samples, rate), sample_rate=rate)  # its checks, no resampling
         except InputError as e:
             raise BadSample(str(e)) from None
@@ -109,7 +109,7 @@ class _Prepare:
 
     def __call__(self, item: tuple[str, bytes]) -> torch.Tensor:
         key, data = item
-        samples, rate = _read(data, key)
+        samples, rate = decode_audio(data, key)
         longest = math.ceil(self.max_seconds * rate)
         if len(samples) > longest:
             start = random.Random(f"{self.seed}/{key}").randrange(len(samples) - longest + 1)

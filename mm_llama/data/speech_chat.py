@@ -32,9 +32,9 @@ from encoders.audio import HOP, SAMPLE_RATE, load_audio
 from encoders.image_transform import ImageTransform, ImageTransformConfig, collate_images
 from encoders.utterances import Utterances
 from mm_llama.data.chat import IGNORE, pad_rows
-from mm_llama.data.image import _open
+from mm_llama.data.image import decode_image
 from mm_llama.data.pipeline import BadSample, ShardBatches, shard_config_problems
-from mm_llama.data.speech import _read
+from mm_llama.data.speech import decode_audio
 from mm_llama.errors import ConfigError, InputError
 from mm_llama.tokenizer import Tokenizer
 
@@ -137,7 +137,7 @@ class _Decode:
             raise BadSample(f"sample {key}: 'json' or 'txt' is not UTF-8 text/JSON ({e})") from None
         _, system, target = speech_chat(record, transcript, key)
         try:  # decoded here, so that a bad file is counted even when fast-forwarded over
-            samples, rate = _read(audio, f"sample {key}'s audio")
+            samples, rate = decode_audio(audio, f"sample {key}'s audio")
             wave = load_audio((samples, rate), sample_rate=rate)
         except InputError as e:
             raise BadSample(str(e)) from None
@@ -150,7 +150,7 @@ class _Decode:
         image = next((sample[m] for m in _IMAGE_MEMBERS if m in sample), None)
         if image is not None:
             try:
-                _open(image)
+                decode_image(image)
             except Exception as e:  # noqa: BLE001 - whatever PIL raises, the sample is unusable; it is counted
                 raise BadSample(f"sample {key}: the picture does not decode ({type(e).__name__}: {e})") from None
         tokens, labels = self._chat(n_16k, image is not None, system, target)
@@ -182,9 +182,9 @@ class _Prepare:
         self.transform = transform
 
     def __call__(self, chat: SpeechChat) -> _Row:
-        wave = load_audio(_read(chat.audio, "audio"))
+        wave = load_audio(decode_audio(chat.audio, "audio"))
         wave = torch.nn.functional.pad(wave, (0, max(0, chat.n_samples - len(wave))))[: chat.n_samples]  # exact
-        image = self.transform(_open(chat.image)) if chat.image is not None else None
+        image = self.transform(decode_image(chat.image)) if chat.image is not None else None
         return _Row(wave, image, chat.tokens, chat.labels)
 
 
