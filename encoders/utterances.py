@@ -85,14 +85,16 @@ def chunk_bounds(wave: np.ndarray | torch.Tensor, rate: int, max_seconds: float)
 
 
 def quiet_cut(window: np.ndarray | torch.Tensor, rate: int) -> int:
-    """The middle of the quietest 20 ms in the last quarter of mono `window` (at most its last 5 s): where a chunk
-    that fills `window` ends."""
+    """The middle of the quietest 20 ms in the last quarter of `window` (at most its last 5 s; (n,) mono or
+    (n, channels), mixed down here, only where it is read): where a chunk that fills `window` ends."""
     n = len(window)
     frame = max(1, round(_QUIET_FRAME * rate))
     search = min(n // 4, round(_MAX_SEARCH * rate)) // frame * frame
     if search < frame:  # a window under 80 ms: cut at its end
         return n
     region = torch.as_tensor(np.asarray(window[n - search :]), dtype=torch.float64)
+    if region.ndim == 2:
+        region = region.mean(dim=1)
     energy = region.view(-1, frame).pow(2).sum(dim=1)  # (search / frame,)
     last_quietest = len(energy) - 1 - int(energy.flip(0).argmin())  # of equally quiet frames, the latest: longer chunks
     return n - search + last_quietest * frame + frame // 2
@@ -158,7 +160,7 @@ def audio_chunks(source, max_seconds: float) -> Iterator[torch.Tensor]:
                     raise InputError(f"{name} has no samples (0 s of audio)")
                 return
             at_end = len(data) < window or f.tell() >= f.frames
-            end = len(data) if at_end else quiet_cut(data.mean(axis=1), rate)
+            end = len(data) if at_end else quiet_cut(data, rate)
             try:
                 wave = load_audio((data[:end], rate))
             except InputError as e:

@@ -40,6 +40,8 @@ from mm_llama.media import EmbeddingSpans, Media, MediaState, Splice
 # Fields that choose Meta's or transformers' semantics when a checkpoint is loaded (`MMConfig.with_semantics`); the
 # weights are the same either way, so mm-llama's checkpoint format never stores them.
 SEMANTICS_FIELDS = {"vision": ("intermediate_mode", "hf_padding_images"), "image_adapter": ("mask_attention_rows",)}
+# Positions a speech span of the longest utterance must leave in the context, for the prompt and the answer.
+_PROMPT_ROOM = 64
 # Fields that only set freshly initialised weights; a checkpoint's weights replace them, so it never stores them either.
 INIT_ONLY_FIELDS = {"image_adapter": ("gate_init",), "video_adapter": ("gate_init",)}
 
@@ -84,6 +86,14 @@ class MMConfig:
         if self.speech_encoder is not None and self.speech_adapter.in_dim != self.speech_encoder.dim:
             raise ConfigError(f"MMConfig: speech_adapter.in_dim ({self.speech_adapter.in_dim}) must equal the speech "
                               f"encoder's dim ({self.speech_encoder.dim})")
+        if self.speech_adapter is not None:  # one span of the longest utterance must leave room for a prompt
+            span = int(speech_positions(torch.tensor(int(self.speech_adapter.max_seconds * 100)),
+                                        self.speech_encoder.stack, self.speech_adapter)) + 2  # and its markers
+            if span + _PROMPT_ROOM > self.trunk.max_seq_len:
+                raise ConfigError(f"MMConfig: a speech span of speech_adapter.max_seconds "
+                                  f"({self.speech_adapter.max_seconds:g} s) takes {span} positions, leaving under "
+                                  f"{_PROMPT_ROOM} of the trunk's context ({self.trunk.max_seq_len}) for the prompt "
+                                  "and the answer; lower max_seconds (long audio is then cut into more chunks)")
 
     @property
     def has_media(self) -> bool:

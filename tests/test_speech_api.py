@@ -420,3 +420,22 @@ def test_cli_transcribe_and_ask_with_audio(speech_model, assistant, audio_files)
     result = run_mm_llama("ask", "--checkpoint", speech_model)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr == "mm-llama: error: give a question, --audio FILE with a spoken question, or both\n"
+
+
+def test_a_span_of_the_longest_utterance_must_fit_the_context():
+    from adapters.speech import SpeechAdapterConfig
+    from encoders.speech import SpeechEncoderConfig
+    from mm_llama.errors import ConfigError
+    from mm_llama.llama import LlamaConfig
+    from mm_llama.model import MMConfig
+
+    def config(context: int, seconds: float) -> MMConfig:
+        return MMConfig(trunk=LlamaConfig.preset("debug", max_seq_len=context),
+                        speech_encoder=SpeechEncoderConfig.preset("debug"),
+                        speech_adapter=SpeechAdapterConfig(in_dim=64, dim=64, n_heads=4, max_seconds=seconds))
+
+    assert config(816, 60).speech_adapter.max_seconds == 60  # 752 positions (750 + the markers) + 64 for the prompt
+    with pytest.raises(ConfigError, match=r"60 s\) takes 752 positions, leaving under 64 of the trunk's context "
+                                          r"\(815\)"):
+        config(815, 60)
+    assert config(256, 15).speech_adapter.max_seconds == 15  # 190 positions
