@@ -59,17 +59,6 @@ class Utterances:
         mel, frames = log_mel(torch.nn.utils.rnn.pad_sequence(list(waves), batch_first=True), lengths)
         return cls(normalize(mel, frames), frames)
 
-    @classmethod
-    def prepare(cls, sources: Sequence, max_seconds: float) -> tuple[Utterances, list[int]]:
-        """Audio sources (as `audio_chunks` takes them) -> the utterances of all their chunks, and the number of
-        chunks of each source (each chunk is one span)."""
-        waves, counts = [], []
-        for source in sources:
-            chunks = list(audio_chunks(source, max_seconds))
-            waves += chunks
-            counts.append(len(chunks))
-        return cls.from_waves(waves), counts
-
     def to(self, device: torch.device | str) -> Utterances:
         return Utterances(self.mel.to(device), self.lengths.to(device), self.host_lengths)
 

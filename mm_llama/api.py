@@ -220,7 +220,7 @@ class Assistant:
             language: the language to write in (a name, e.g. "English").
             max_new_tokens: the longest transcript of one chunk, in tokens.
         """
-        from encoders.utterances import audio_chunks
+        from encoders.utterances import Utterances, audio_chunks
 
         if not isinstance(language, str) or not language.strip():
             raise InputError(f"language must be a non-empty str such as 'English', got {language!r}")
@@ -238,9 +238,8 @@ class Assistant:
             prompts = [self.tokenizer.encode_dialog([{"role": "system", "content": system},
                                                      {"role": "user", "content": self._speech_parts([w])}])
                        for w in group]
-            texts.extend(t.strip() for t in self._generate(prompts, self._media([[]] * len(group), [[]] * len(group),
-                                                                                 1, [[w] for w in group]),
-                                                            max_new_tokens=max_new_tokens))
+            media = Media(speech=Utterances.from_waves(group))
+            texts.extend(t.strip() for t in self._generate(prompts, media, max_new_tokens=max_new_tokens))
             group.clear()
 
         for chunk in audio_chunks(audio, config.max_seconds):

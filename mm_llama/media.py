@@ -63,9 +63,10 @@ class Media:
         images or uint8 arrays); each needs an `<|image|>` token in its sample's text.
     videos: the sampled, tiled clips (`encoders.video.Videos`; `Videos.prepare` makes them from paths); each needs
         a `<|video|>` token in its sample's text.
-    speech: the utterances (`encoders.utterances.Utterances`; `Utterances.prepare` makes them from paths, bytes or
-        (waveform, sample_rate)), in the order of their spans: utterance k fills the k-th `<|speech_start|>`
-        span of the batch, whose `<|speech|>` tokens must number its positions (`MMLlama.speech_positions`).
+    speech: the utterances (`encoders.utterances.Utterances`; `Utterances.from_waves` makes them from the 16 kHz
+        chunks `audio_chunks` reads from paths, bytes or (waveform, sample_rate)), in the order of their spans:
+        utterance k fills the k-th `<|speech_start|>` span of the batch, whose `<|speech|>` tokens must number its
+        positions (`MMLlama.speech_positions`).
     embeddings: embeddings spliced into the token stream at given positions (`EmbeddingSpans`).
     """
 

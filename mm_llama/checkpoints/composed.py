@@ -118,8 +118,8 @@ def load_mmllama(path: str | Path, *, hf_compat: bool = False, dtype: torch.dtyp
     assign_state(model, state, f"{path} ({fmt} format)", tied=config.trunk.tie_embeddings, prefix="trunk.",
                  dtype=dtype, device=device)
     model.trunk.tie_weights()
-    for module in (model.trunk, model.speech_encoder, model.speech_adapter):  # their RoPE tables are not stored
-        if module is not None:
+    for module in model.modules():  # RoPE tables are not stored: each part that has one builds it on its device
+        if module is not model and hasattr(module, "reset_rope"):
             module.reset_rope()
     model.source = path
     return model.eval()

@@ -126,8 +126,8 @@ class SpeechAdapterStage:
 
     def batches(self, runtime: Runtime, start: int) -> Iterator[dict]:
         c = self.config
-        encoder = c.encoder or pretrained_encoder(c.pretrained_encoder)[0]
-        source = SpeechChatBatches(c.data, c.adapter, encoder.stack, rank=runtime.rank,
+        # The built model's encoder (`build` runs first): its stacking sets each utterance's positions.
+        source = SpeechChatBatches(c.data, c.adapter, self._model_config.speech_encoder.stack, rank=runtime.rank,
                                    world_size=runtime.world_size)
         for batch in source.batches(start):
             images = batch["images"]
