@@ -25,6 +25,7 @@ from mm_llama.errors import InputError
 from mm_llama.generate import Generator, Sampling
 from mm_llama.media import Media
 from mm_llama.paths import checkpoint_path, local_path
+from mm_llama.speech_prompts import system_prompt
 from mm_llama.tokenizer import Tokenizer, find_tokenizer
 
 MAX_IMAGES = 8  # images per question: bounds the cross-attention memory (each 4-tile 560-px image is 6,404 tokens)
@@ -231,7 +232,7 @@ class Assistant:
             raise InputError("this model has no speech encoder: it cannot transcribe audio; give a checkpoint with a "
                              "speech adapter (mm-llama recipe demo --out DIR --video-model demo trains one on the demo "
                              "model)")
-        system = f"Repeat after me in {language.strip()}:"
+        system = system_prompt("asr", language.strip())
         texts, group = [], []
 
         def flush() -> None:

@@ -419,10 +419,18 @@ def test_synth_text(tmp_path, tok_path):
     dialogs = [json.loads(t)["messages"] for ext, t in samples if ext == "json"]
     assert len(texts) + len(dialogs) == 60 and len(texts) >= 10 and len(dialogs) >= 20  # a third are descriptions
     lines = [line for t in texts for line in t.split("\n")]
-    turns = [m["content"] for messages in dialogs for m in messages]
+    turns = [m["content"] for messages in dialogs for m in messages if m["role"] != "system"]
     assert all(SENTENCES.fullmatch(x) for x in lines + turns), [x for x in lines + turns if not SENTENCES.fullmatch(x)]
     assert any(re.search(r" is (left|right) of | is (above|below) ", line) for line in lines)
+    repeats = [m for m in dialogs if m[0]["role"] == "system"]
+    assert 3 <= len(repeats) <= 18  # a seventh of 60 are the typed recognition task
+    for messages in repeats:  # the speech stage's asr prompt, and the sentence said back word for word
+        assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+        assert messages[0]["content"] == "Repeat after me in English:"
+        assert messages[1]["content"] == messages[2]["content"]
     for messages in dialogs:
+        if messages[0]["role"] == "system":
+            continue
         assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
         assert messages[0]["content"].endswith(("?", ".")) and all(m["content"].strip() for m in messages)
     again = synth_text(tmp_path / "b", 60, seed=3, shard_size=16)

@@ -36,13 +36,11 @@ from mm_llama.data.image import decode_image
 from mm_llama.data.pipeline import BadSample, ShardBatches, shard_config_problems
 from mm_llama.data.speech import decode_audio
 from mm_llama.errors import ConfigError, InputError
+from mm_llama.speech_prompts import SYSTEM_PROMPTS, system_prompt
 from mm_llama.tokenizer import Tokenizer
 
-__all__ = ["SYSTEM_PROMPTS", "TASKS", "SpeechChatBatches", "SpeechChatDataConfig", "speech_chat"]
+__all__ = ["TASKS", "SpeechChatBatches", "SpeechChatDataConfig", "speech_chat"]
 
-# §8.3.2's system prompts; spoken dialogue has none.
-SYSTEM_PROMPTS = {"asr": "Repeat after me in {language}:", "ast": "Translate the following sentence into {language}:",
-                  "dialogue": None}
 TASKS = tuple(SYSTEM_PROMPTS)
 _AUDIO_MEMBERS = ("flac", "wav")
 _IMAGE_MEMBERS = ("png", "jpg", "jpeg")
@@ -105,12 +103,12 @@ def speech_chat(record: object, transcript: str | None, key: str) -> tuple[str, 
     if not isinstance(target, str) or not target.strip():
         needs = {"asr": "a 'txt' transcript or json 'target'", "ast": "json 'target'", "dialogue": "json 'answer'"}
         raise BadSample(f"sample {key}: task {task} needs {needs[task]} (non-empty text)")
-    system = SYSTEM_PROMPTS[task]
-    if system is not None:
+    system = None
+    if SYSTEM_PROMPTS[task] is not None:
         language = record.get("language")
         if not isinstance(language, str) or not language.strip():
             raise BadSample(f"sample {key}: task {task} needs json 'language' (e.g. 'English')")
-        system = system.format(language=language.strip())
+        system = system_prompt(task, language.strip())
     return task, system, target.strip()
 
 

@@ -43,7 +43,7 @@ from mm_llama.data.pack import write_shards
 from mm_llama.data.synth_parallel import parallel_samples
 from mm_llama.data.world import check_split, random_scene
 from mm_llama.data.world_draw import DEFAULT_SIZE, draw_scene
-from mm_llama.data.world_language import caption, image_question
+from mm_llama.data.world_language import image_question, scene_sentence
 from mm_llama.data.world_tokenizer import write_world_tokenizer
 from mm_llama.errors import InputError
 
@@ -119,17 +119,7 @@ class SpokenSentence(NamedTuple):
 def spoken_sentence(rng: random.Random, split: str = "train", kind: str | None = None) -> SpokenSentence:
     """A question or caption (`kind`; None draws one) about a random scene of `split`, spoken in a voice of `split`:
     a recognition sample (the evaluation's `asr` task takes held-out ones)."""
-    check_split(split)  # said here: the retries below would take a bad split's InputError for a scene to redraw
-    kind = kind or rng.choice(("question", "caption"))
-    if kind not in ("question", "caption"):
-        raise InputError(f"kind must be 'question' or 'caption', got {kind!r}")
-    while True:  # a scene with no sentence of this kind in the split (rare in "heldout"): draw another
-        scene = random_scene(rng, split)
-        try:
-            text = image_question(scene, rng, split).question if kind == "question" else caption(scene, rng, split)
-            break
-        except InputError:
-            continue
+    text, kind = scene_sentence(rng, split, kind)
     voice = voice_for(rng, split)
     return SpokenSentence(text, _speak(text, voice), kind, voice)
 

@@ -1,7 +1,8 @@
 """The shapes-world text corpus of stage `lm` (see `mm_llama.data.world`): the whole language, and the chat format.
 
 The trunk learns the language once, here; the image, video and speech stages only add parts on the frozen trunk. So
-the corpus holds every sentence form those stages use, each grounded in text, in three roughly equal kinds of sample:
+the corpus holds every sentence form and every skill those stages use, each grounded in text, in four kinds of sample
+(SAMPLE_KINDS, drawn with KIND_WEIGHTS):
 
     description (`txt`)   a caption of a scene, or of a clip with its events, then a few true statements:
                               There is a big red circle at the top left and a small blue star in the middle.
@@ -11,6 +12,14 @@ the corpus holds every sentence form those stages use, each grounded in text, in
                                         {"role": "assistant", "content": "<answer>"}]}, any image or video question
                           type, answered by what the user turn describes (the caption stands where the image will)
     dialogue (`json`)     1-3 spoken exchanges (`world_dialogue`), the caption before the first user line
+    repeat (`json`)       the speech stage's recognition task, typed: {"messages": [{"role": "system", "content":
+                          "Repeat after me in English:"}, {"role": "user", "content": "<a question or caption>"},
+                          {"role": "assistant", "content": "<the same sentence>"}]}
+
+Why `repeat`: a frozen trunk can only write down what a speech adapter hears if it can repeat a sentence it is given,
+a skill every real LLM has and a trunk trained on the other three kinds lacks (the first demo trunk answered
+"Repeat after me in English: Two yellow stars ..." with "The yellow star is in the middle."). Without it the speech
+adapter had to do the copying itself and stalled at 38 % WER on its own training sentences (issue 12's note).
 
 Every sample is ASCII; the world's tokenizer (`world_tokenizer`: bytes + 256 merges learnt on this language, the
 `debug` trunk's 768 words) is written beside the shards. `TextBatches` encodes `json` samples with the chat format.
@@ -28,13 +37,15 @@ from mm_llama.data.synth_parallel import parallel_samples
 from mm_llama.data.world import check_split, random_scene
 from mm_llama.data.world_clips import describe_clip, random_clip, video_question
 from mm_llama.data.world_dialogue import dialogue
-from mm_llama.data.world_language import caption, image_question, relative_statements, statements, uncap
+from mm_llama.data.world_language import caption, image_question, relative_statements, scene_sentence, statements, uncap
 from mm_llama.data.world_tokenizer import write_world_tokenizer
 from mm_llama.errors import InputError
+from mm_llama.speech_prompts import system_prompt
 
 __all__ = ["SAMPLE_KINDS", "synth_text", "text_sample"]
 
-SAMPLE_KINDS = ("description", "chat", "dialogue")
+SAMPLE_KINDS = ("description", "chat", "dialogue", "repeat")
+KIND_WEIGHTS = (2, 2, 2, 1)  # copying is one easy skill: a seventh of the samples teaches it
 _CLIP_SHARE = 1 / 3  # of descriptions and chats: the rest are about still scenes
 
 
@@ -69,8 +80,14 @@ def _dialogue(rng: random.Random, split: str) -> list[dict[str, str]]:
     return messages
 
 
+def _repeat(rng: random.Random, split: str) -> list[dict[str, str]]:
+    sentence, _ = scene_sentence(rng, split)
+    return [{"role": "system", "content": system_prompt("asr", "English")}, {"role": "user", "content": sentence},
+            {"role": "assistant", "content": sentence}]
+
+
 def text_sample(rng: random.Random, split: str = "train") -> dict[str, bytes]:
-    """One corpus sample of a uniformly drawn kind (SAMPLE_KINDS); the same `rng` state gives the same bytes.
+    """One corpus sample of a kind drawn with KIND_WEIGHTS (SAMPLE_KINDS); the same `rng` state gives the same bytes.
 
     Args:
         rng: the random source.
@@ -79,12 +96,12 @@ def text_sample(rng: random.Random, split: str = "train") -> dict[str, bytes]:
         {"txt": description} or {"json": {"messages": [...]}}, ASCII bytes.
     """
     check_split(split)
-    kind = rng.choice(SAMPLE_KINDS)
+    kind = rng.choices(SAMPLE_KINDS, KIND_WEIGHTS)[0]
     while True:
         try:
             if kind == "description":
                 return {"txt": _description(rng, split).encode("ascii")}
-            messages = (_chat if kind == "chat" else _dialogue)(rng, split)
+            messages = {"chat": _chat, "dialogue": _dialogue, "repeat": _repeat}[kind](rng, split)
             return {"json": json.dumps({"messages": messages}).encode("ascii")}
         except InputError:  # no wording of this split for that scene or clip: draw another
             continue

@@ -21,12 +21,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from mm_llama.data.world import COLOURS, SHAPES, SIZES, Scene, Shape, check_split, relations, split_of_sentence
+from mm_llama.data.world import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    Scene,
+    Shape,
+    check_split,
+    random_scene,
+    relations,
+    split_of_sentence,
+)
 from mm_llama.errors import InputError
 
 __all__ = [
     "QA", "QUESTION_TYPES", "Question", "a", "cap", "caption", "captions", "image_question", "join", "kind_refs",
-    "pick", "questions", "refs", "relative_statements", "statements", "uncap",
+    "pick", "questions", "refs", "relative_statements", "scene_sentence", "statements", "uncap",
 ]
 
 QUESTION_TYPES = ("colour", "shape", "count", "size", "position", "relative position", "existence")
@@ -335,3 +345,30 @@ def image_question(scene: Scene, rng: random.Random, split: str = "train", qtype
         types.remove(t)
     raise InputError(f"the scene {scene.key()!r} has no {qtype or 'image'} question in split {split!r}; "
                      "draw another scene")
+
+
+SENTENCE_KINDS = ("question", "caption")
+
+
+def scene_sentence(rng: random.Random, split: str = "train", kind: str | None = None) -> tuple[str, str]:
+    """A question about a random scene of `split`, or one of its captions: the sentences said aloud for recognition
+    (`synth_speech`) and repeated in the text corpus (`synth_text`).
+
+    Args:
+        rng: the random source; the same state gives the same sentence.
+        split: "train" or "heldout".
+        kind: "question", "caption", or None to draw one.
+    Returns:
+        (the sentence, its kind).
+    """
+    check_split(split)  # said here: the retries below would take a bad split's InputError for a scene to redraw
+    kind = kind or rng.choice(SENTENCE_KINDS)
+    if kind not in SENTENCE_KINDS:
+        raise InputError(f"kind must be 'question' or 'caption', got {kind!r}")
+    while True:  # a scene with no sentence of this kind in the split (rare in "heldout"): draw another
+        scene = random_scene(rng, split)
+        try:
+            return (image_question(scene, rng, split).question if kind == "question" else caption(scene, rng, split),
+                    kind)
+        except InputError:
+            continue

@@ -40,6 +40,7 @@ from mm_llama.data.world_draw import DEFAULT_SIZE, draw_scene
 from mm_llama.data.world_language import QUESTION_TYPES, caption, image_question
 from mm_llama.data.world_time import TIME_QUESTION_TYPES, time_question
 from mm_llama.errors import InputError
+from mm_llama.speech_prompts import system_prompt
 
 __all__ = ["MEDIA", "SUITES", "EvalItem", "Task", "suite_tasks"]
 
@@ -157,7 +158,7 @@ def _shuffled_video_item(rng: random.Random, qtype: str) -> EvalItem:
     return _clip_item("video-qa-shuffled", rng, qtype, shuffle=True)
 
 
-ASR_PROMPT = "Repeat after me in English:"  # the paper's recognition prompt (§8.3.2), as `transcribe` asks
+ASR_PROMPT = system_prompt("asr", "English")  # the paper's recognition prompt (§8.3.2), as `transcribe` asks
 SPEECH_KINDS = ("question", "caption")
 
 
