@@ -42,9 +42,10 @@ from mm_llama.data.world_tokenizer import write_world_tokenizer
 from mm_llama.errors import InputError
 from mm_llama.speech_prompts import system_prompt
 
-__all__ = ["SAMPLE_KINDS", "synth_text", "text_sample"]
+__all__ = ["KIND_WEIGHTS", "LANGUAGE_KINDS", "SAMPLE_KINDS", "kind_sample", "synth_text", "text_sample"]
 
-SAMPLE_KINDS = ("description", "chat", "dialogue", "repeat")
+LANGUAGE_KINDS = ("description", "chat", "dialogue")  # the world's language; `repeat` says its sentences again
+SAMPLE_KINDS = (*LANGUAGE_KINDS, "repeat")
 KIND_WEIGHTS = (2, 2, 2, 1)  # copying is one easy skill: a seventh of the samples teaches it
 _CLIP_SHARE = 1 / 3  # of descriptions and chats: the rest are about still scenes
 
@@ -96,7 +97,11 @@ def text_sample(rng: random.Random, split: str = "train") -> dict[str, bytes]:
         {"txt": description} or {"json": {"messages": [...]}}, ASCII bytes.
     """
     check_split(split)
-    kind = rng.choices(SAMPLE_KINDS, KIND_WEIGHTS)[0]
+    return kind_sample(rng, split, rng.choices(SAMPLE_KINDS, KIND_WEIGHTS)[0])
+
+
+def kind_sample(rng: random.Random, split: str, kind: str) -> dict[str, bytes]:
+    """One corpus sample of `kind` (in SAMPLE_KINDS), as `text_sample` returns it."""
     while True:
         try:
             if kind == "description":

@@ -37,12 +37,14 @@ _SAMPLES = 5000  # train-split text samples the merges are counted on: every wor
 
 
 def _texts(n: int, seed: int) -> list[str]:
-    """The plain text of `n` train-split corpus samples (of chat samples: the message contents)."""
-    from mm_llama.data.synth_text import text_sample
+    """The plain text of `n` train-split samples of the world's language (LANGUAGE_KINDS, drawn uniformly; of chat
+    samples, the message contents). The corpus's `repeat` samples are left out: they say the same sentences again and
+    add no word, so the table need not change with their share (models trained before they came keep their table)."""
+    from mm_llama.data.synth_text import LANGUAGE_KINDS, kind_sample
 
     rng, texts = random.Random(seed), []
     for _ in range(n):
-        sample = text_sample(rng, "train")
+        sample = kind_sample(rng, "train", rng.choice(LANGUAGE_KINDS))
         if "txt" in sample:
             texts.append(sample["txt"].decode("ascii"))
         else:
