@@ -102,6 +102,8 @@ def text_sample(rng: random.Random, split: str = "train") -> dict[str, bytes]:
 
 def kind_sample(rng: random.Random, split: str, kind: str) -> dict[str, bytes]:
     """One corpus sample of `kind` (in SAMPLE_KINDS), as `text_sample` returns it."""
+    if kind not in SAMPLE_KINDS:
+        raise InputError(f"kind must be one of {', '.join(SAMPLE_KINDS)}, got {kind!r}")
     while True:
         try:
             if kind == "description":
