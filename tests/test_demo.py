@@ -336,20 +336,26 @@ def serve(tmp_path_factory, *args: str):
     assert not list(cwd.iterdir()), f"the demo wrote {list(cwd.iterdir())} where it ran"
 
 
+def local_only(page, server: str) -> list[str]:
+    """Let `page` reach `server` only; the list fills with every other URL it asked for (none should be)."""
+    elsewhere: list[str] = []
+
+    def route(request_route):
+        if request_route.request.url.startswith(server):
+            request_route.continue_()
+        else:
+            elsewhere.append(request_route.request.url)
+            request_route.abort()
+
+    page.route("**/*", route)
+    return elsewhere
+
+
 def test_the_page_in_a_browser(server, held_out_scene, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
     from playwright.sync_api import expect, sync_playwright
-
-    elsewhere: list[str] = []
-
-    def local_only(route):
-        if route.request.url.startswith(server):
-            route.continue_()
-        else:
-            elsewhere.append(route.request.url)
-            route.abort()
 
     too_large = write(tmp_path / "too-large.png", bytes(int(0.3 * 2**20)))
     over_ceiling = write(tmp_path / "over-ceiling.png", bytes(4 * int(UPLOAD_MB * 2**20) + 1))
@@ -357,7 +363,7 @@ def test_the_page_in_a_browser(server, held_out_scene, tmp_path):
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1800})  # tall: the screenshot shows it all
-            page.route("**/*", local_only)
+            elsewhere = local_only(page, server)
             page.goto(server)
             upload, textbox = page.locator("input[type=file]"), page.locator("textarea")
             answers = page.locator("[data-testid=bot]")
@@ -445,14 +451,6 @@ def test_a_spoken_question_in_a_browser(speech_demo, spoken_question, tmp_path):
 
     url, checkpoint = speech_demo
     model = Assistant.from_pretrained(checkpoint, dtype=torch.float32)
-    elsewhere: list[str] = []
-
-    def local_only(route):
-        if route.request.url.startswith(url):
-            route.continue_()
-        else:
-            elsewhere.append(route.request.url)
-            route.abort()
 
     microphone = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                   f"--use-file-for-fake-audio-capture={spoken_question}"]
@@ -462,7 +460,7 @@ def test_a_spoken_question_in_a_browser(speech_demo, spoken_question, tmp_path):
             context = browser.new_context(viewport={"width": 1280, "height": 1200})
             context.grant_permissions(["microphone", "clipboard-read", "clipboard-write"])
             page = context.new_page()
-            page.route("**/*", local_only)
+            elsewhere = local_only(page, url)
             page.goto(url)
             answers, textbox = page.locator("[data-testid=bot]"), page.locator("textarea")
 

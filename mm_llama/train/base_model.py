@@ -22,13 +22,15 @@ __all__ = ["BaseModel", "read_base_model"]
 
 @dataclass
 class BaseModel:
-    """A trained mm-llama checkpoint a stage builds on: its config, its tensors as stored (full names), and the
-    trunk checkpoint directory its weights come from with their fingerprint (for the trunk reference)."""
+    """A trained mm-llama checkpoint a stage builds on: its config, its tensors as stored (full names), the trunk
+    checkpoint directory its weights come from with their fingerprint (for the trunk reference), and how the stage's
+    config names it (`what`, e.g. "image_model demo": the start of every error about it)."""
 
     config: MMConfig
     state: dict[str, torch.Tensor]
     trunk_dir: Path
     fingerprint: str
+    what: str
 
     def build(self, config: MMConfig, device: torch.device, new: tuple[str, ...]) -> MMLlama:
         """`config` (the base's with parts added) on `device` in fp32, with the base's weights; `CheckpointError`
@@ -38,7 +40,8 @@ class BaseModel:
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in self.state.items()}, strict=False)
         missing = [k for k in missing if not k.startswith(tuple(f"{name}." for name in new))]
         if missing or unexpected:
-            raise CheckpointError(f"weights do not fit (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise CheckpointError(f"{self.what}: weights do not fit (missing {missing[:5]}, unexpected "
+                                  f"{unexpected[:5]})")
         return model
 
     def save_with(self, out: Path, trainable: dict[str, torch.Tensor], config: MMConfig, tokenizer: Path) -> None:
@@ -50,12 +53,13 @@ class BaseModel:
         shutil.copy2(tokenizer, out / "tokenizer.model")
 
 
-def read_base_model(path: Path, what: str) -> BaseModel:
-    """The mm-llama checkpoint at `path`; a `CheckpointError` that starts with `what` (e.g. "image_model demo")."""
+def read_base_model(path: Path, what: str, accepted: str) -> BaseModel:
+    """The mm-llama checkpoint at `path`; a `CheckpointError` that starts with `what` (e.g. "image_model demo") and
+    ends with `accepted`, what the stage builds on (e.g. "a stage image-adapter checkpoint, or 'demo'")."""
     try:
         config, state, trunk_dir = read_ours_with_trunk_dir(path)
     except CheckpointError as e:
-        raise CheckpointError(f"{what}: {e}") from None
+        raise CheckpointError(f"{what}: {e} ({accepted})") from None
     trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
     fingerprint = trunk_fingerprint(trunk_state, tie_embeddings=config.trunk.tie_embeddings)
-    return BaseModel(config, state, trunk_dir, fingerprint)
+    return BaseModel(config, state, trunk_dir, fingerprint, what)

@@ -81,11 +81,9 @@ class SpeechAdapterStage:
 
     def build(self, runtime: Runtime) -> nn.Module:
         c = self.config
-        try:
-            self._base = read_base_model(self.base_model, f"base_model {c.base_model}")
-        except CheckpointError as e:
-            raise CheckpointError(f"{e} (the speech stage builds on an mm-llama checkpoint: a stage lm, image-adapter "
-                                  "or video-adapter checkpoint, or 'demo')") from None
+        self._base = read_base_model(self.base_model, f"base_model {c.base_model}", "the speech stage builds on an "
+                                     "mm-llama checkpoint: a stage lm, image-adapter or video-adapter checkpoint, or "
+                                     "'demo'")
         base = self._base.config
         if base.speech_adapter is not None:
             raise ConfigError(f"base_model {c.base_model} already has a speech adapter; give the model without it")
@@ -98,11 +96,8 @@ class SpeechAdapterStage:
                               f"({encoder.dim})")
         if not base.has_media:  # a text model: the speech tokens' rows are new, and learn
             self._trained_parts += ("media",)
-        try:
-            model = self._base.build(replace(base, speech_encoder=encoder, speech_adapter=c.adapter), runtime.device,
-                                     new=self._trained_parts)
-        except CheckpointError as e:
-            raise CheckpointError(f"base_model {c.base_model}: {e}") from None
+        model = self._base.build(replace(base, speech_encoder=encoder, speech_adapter=c.adapter), runtime.device,
+                                 new=self._trained_parts)
         if encoder_state:
             try:
                 model.speech_encoder.load_state_dict(

@@ -64,11 +64,9 @@ class VideoAdapterStage:
 
     def build(self, runtime: Runtime) -> nn.Module:
         c = self.config
-        try:
-            self._base = read_base_model(self.image_model, f"image_model {c.image_model}")
-        except CheckpointError as e:
-            raise CheckpointError(f"{e} (the video stage starts from an mm-llama checkpoint with an image adapter: a "
-                                  "stage image-adapter checkpoint, or 'demo')") from None
+        self._base = read_base_model(self.image_model, f"image_model {c.image_model}", "the video stage starts from "
+                                     "an mm-llama checkpoint with an image adapter: a stage image-adapter checkpoint, "
+                                     "or 'demo'")
         base = self._base.config
         if base.image_adapter is None:
             raise ConfigError(f"image_model {c.image_model} has no image adapter: the video stage builds on a trained "
@@ -77,10 +75,7 @@ class VideoAdapterStage:
         if (v.tile_size, v.max_tiles) != (c.data.tile_size, c.data.max_tiles):
             raise ConfigError(f"data tiles ({c.data.tile_size} px, up to {c.data.max_tiles}) differ from the image "
                               f"model's encoder ({v.tile_size} px, up to {v.max_tiles}); make them match")
-        try:
-            model = self._base.build(replace(base, video_adapter=c.adapter), runtime.device, new=("video_adapter",))
-        except CheckpointError as e:
-            raise CheckpointError(f"image_model {c.image_model}: {e}") from None
+        model = self._base.build(replace(base, video_adapter=c.adapter), runtime.device, new=("video_adapter",))
         if c.init_blocks_from_image:
             _copy_image_blocks(model)
         model.requires_grad_(False)
