@@ -12,7 +12,7 @@ from mm_llama.checkpoints.composed import read_ours_composed
 from mm_llama.config import load_config
 from mm_llama.data.chat import IGNORE
 from mm_llama.data.speech_chat import SpeechChatBatches, SpeechChatDataConfig
-from mm_llama.errors import ConfigError
+from mm_llama.errors import CheckpointError, ConfigError
 from mm_llama.model import MMLlama
 from mm_llama.tokenizer import Tokenizer
 from mm_llama.train.loop import train
@@ -141,6 +141,11 @@ def test_bad_settings_are_refused(shards, base, tmp_path):
     runtime = Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
     with pytest.raises(ConfigError, match=r"adapter.in_dim \(32\) must equal the speech encoder's dim \(64\)"):
         SpeechAdapterStage(stage_config(shards, base, tmp_path, "--adapter.in_dim=32")).build(runtime)
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    with pytest.raises(CheckpointError, match=r"^base_model .*not-a-model: .*\(the speech stage builds on an mm-llama "
+                                              r"checkpoint: a stage lm, image-adapter or video-adapter checkpoint"):
+        SpeechAdapterStage(stage_config(shards, not_a_model, tmp_path / "run")).build(runtime)
 
 
 def test_samples_the_stage_cannot_use_are_skipped_with_their_reason(shards):
