@@ -204,10 +204,12 @@ class MMLlama(nn.Module):
                                                     system=system, max_new_tokens=max_new_tokens,
                                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
-    def transcribe(self, audio, *, language: str = "English", max_new_tokens: int = 256) -> str:
+    def transcribe(self, audio, *, language: str = "English", max_new_tokens: int = 256, batch_size: int = 8) -> str:
         """What is said in `audio` (a path, bytes or `(waveform, sample_rate)`), in `language`: the paper's
-        recognition prompt. Long audio is transcribed chunk by chunk (`Assistant.transcribe`)."""
-        return Assistant.for_model(self).transcribe(audio, language=language, max_new_tokens=max_new_tokens)
+        recognition prompt. Long audio is transcribed chunk by chunk, `batch_size` chunks at a time
+        (`Assistant.transcribe`)."""
+        return Assistant.for_model(self).transcribe(audio, language=language, max_new_tokens=max_new_tokens,
+                                                    batch_size=batch_size)
 
     # --- What generation and checkpoints use -----------------------------------------------------------------------
 
