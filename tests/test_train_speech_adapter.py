@@ -84,11 +84,18 @@ def test_loss_falls_the_base_stays_and_resume_equals_uninterrupted(shards, base,
     result = train(SpeechAdapterStage(config), config.train)
     losses = [result.losses[k] for k in sorted(result.losses)]
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
-    # The base model's trunk and parts are bit-identical in the checkpoint (and in the trained model).
+    # The base model's trunk and parts are bit-identical in the checkpoint (and in the trained model), but for the
+    # embedded model's own speech parts: the stage's new ones (debug sizes) replace them.
     base_config, base_state = read_ours_composed(base)
     config_after, state_after = read_ours_composed(result.last_checkpoint)
-    assert config_after.speech_encoder is not None and config_after.vision == base_config.vision
+    assert config_after.vision == base_config.vision and config_after.video_adapter == base_config.video_adapter
+    assert (base_config.speech_encoder.dim, config_after.speech_encoder.dim, config_after.speech_adapter.dim) == (
+        192, 64, 64)
+    speech = ("speech_encoder.", "speech_adapter.")
+    assert {k for k in state_after if not k.startswith(speech)} == {k for k in base_state if not k.startswith(speech)}
     for k, v in base_state.items():
+        if k.startswith(speech):
+            continue
         assert torch.equal(state_after[k], v), k
         assert torch.equal(result.model.state_dict()[k].to(v.dtype), v), k
     loaded = MMLlama.from_pretrained(result.last_checkpoint, dtype=torch.float32).state_dict()

@@ -5,7 +5,7 @@ trained ones, the trunk by reference (so that each checkpoint loads as a whole m
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +43,12 @@ class BaseModel:
             raise CheckpointError(f"{self.what}: weights do not fit (missing {missing[:5]}, unexpected "
                                   f"{unexpected[:5]})")
         return model
+
+    def without(self, parts: tuple[str, ...]) -> BaseModel:
+        """This base model with `parts` (`MMConfig` field names, e.g. "speech_encoder") taken out: config and
+        tensors, as if it had never had them."""
+        state = {k: v for k, v in self.state.items() if not k.startswith(tuple(f"{name}." for name in parts))}
+        return replace(self, config=replace(self.config, **dict.fromkeys(parts)), state=state)
 
     def save_with(self, out: Path, trainable: dict[str, torch.Tensor], config: MMConfig, tokenizer: Path) -> None:
         """Write `trainable` (full names) with the base's other parts as stored, the trunk by reference, and the

@@ -6,7 +6,8 @@ picture when the sample has one), next-token loss on the target tokens only (`mm
     mm-llama train speech-adapter --config configs/demo/speech_adapter.yaml [--train.steps=500 ...] [--resume]
 
 `base_model` is the frozen model the speech enters: an mm-llama checkpoint (a stage lm, image-adapter or
-video-adapter checkpoint, or "demo"); its trunk and parts stay as they are. The encoder starts from a speech-pretrain
+video-adapter checkpoint, or "demo"); its trunk and parts stay as they are, except speech parts it has already
+(the embedded model's): the ones trained here replace them. The encoder starts from a speech-pretrain
 checkpoint (`pretrained_encoder`: its config and weights, what BEST-RQ learnt) or, without one, from random weights
 of `encoder`. The media-token rows (`<|speech_start|>`, `<|speech_end|>`, …) train only when the base model has
 none (a text model); a base model's rows stay frozen, so its pictures and clips read as before. Checkpoints hold
@@ -58,6 +59,9 @@ class SpeechAdapterStageConfig:
                               f"({self.adapter.max_seconds:g}), the longest utterance one span holds")
 
 
+_SPEECH_PARTS = ("speech_encoder", "speech_adapter")
+
+
 def pretrained_encoder(path: str | Path) -> tuple[SpeechEncoderConfig, dict[str, torch.Tensor]]:
     """A checkpoint's speech encoder: its config and its tensors (full names, "speech_encoder.*")."""
     parts = read_ours_parts(Path(path))
@@ -77,7 +81,7 @@ class SpeechAdapterStage:
         self.base_model = checkpoint_path(config.base_model)
         self._model_config = None
         self._base: BaseModel | None = None  # the base model, whose parts are written with each checkpoint
-        self._trained_parts = ("speech_encoder", "speech_adapter")
+        self._trained_parts = _SPEECH_PARTS
 
     def build(self, runtime: Runtime) -> nn.Module:
         c = self.config
@@ -85,8 +89,12 @@ class SpeechAdapterStage:
                                      "mm-llama checkpoint: a stage lm, image-adapter or video-adapter checkpoint, or "
                                      "'demo'")
         base = self._base.config
-        if base.speech_adapter is not None:
-            raise ConfigError(f"base_model {c.base_model} already has a speech adapter; give the model without it")
+        if base.speech_adapter is not None:  # a model that hears already (the embedded one): retrained from scratch
+            self._base = self._base.without(_SPEECH_PARTS)
+            base = self._base.config
+            if runtime.is_main:
+                print(f"[{self.name}] base_model {c.base_model} has speech parts already: the speech encoder and "
+                      "adapter this stage trains replace them", flush=True)
         encoder_state = {}
         encoder = c.encoder
         if c.pretrained_encoder is not None:
