@@ -201,7 +201,11 @@ class SpeechEncoder(nn.Module):
         """mel (B, T, n_mels) (`encoders.audio.log_mel`, normalised), lengths (B,) mel frames -> ((B, S, D), (B,))."""
         if mel.dim() != 3 or mel.shape[-1] != self.config.n_mels:
             raise ValueError(f"speech encoder expects (B, T, {self.config.n_mels}) mel frames, got {tuple(mel.shape)}")
-        if lengths.shape != mel.shape[:1] or bool((lengths < 1).any()) or bool((lengths > mel.shape[1]).any()):
+        # The range check reads the lengths back from the device, which a CUDA graph capture cannot do (the captured
+        # lengths are checked once, at warm-up, before the capture).
+        checked = not (mel.is_cuda and torch.cuda.is_current_stream_capturing())
+        if lengths.shape != mel.shape[:1] or checked and (bool((lengths < 1).any()) or
+                                                          bool((lengths > mel.shape[1]).any())):
             raise ValueError(f"speech encoder lengths must be (B,) in 1..{mel.shape[1]}, got {lengths.tolist()}")
         out_lengths = encoder_lengths(lengths, self.config.stack).to(mel.device)
         x = self.input_projection(self.stacked(mel, lengths))  # (B, S, D)
