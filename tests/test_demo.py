@@ -1,6 +1,6 @@
 """The Gradio demo (`mm-llama demo`): the page in a real browser (Debian's chromium through playwright), its `/chat`
 API through gradio_client, the chat function's answers to bad uploads and model errors, a text-only model, spoken
-questions (an uploaded file and the microphone, espeak-ng's speech on a random speech model), and what the server
+questions (an uploaded file and the microphone, espeak-ng's speech to the embedded model), and what the server
 refuses to serve."""
 
 import io
@@ -431,26 +431,18 @@ def test_a_video_question_in_a_browser(server):
             browser.close()
 
 
-@pytest.fixture(scope="module")
-def speech_demo(speech_checkpoint, tmp_path_factory):
-    """(URL, checkpoint) of `mm-llama demo --checkpoint` serving a random model with a speech encoder, as `server`
-    serves the embedded model (once the embedded model hears, this is `server`'s URL and "demo")."""
-    for url in serve(tmp_path_factory, "--checkpoint", str(speech_checkpoint)):
-        yield url, speech_checkpoint
-
-
-def test_a_spoken_question_in_a_browser(speech_demo, spoken_question, tmp_path):
-    """A spoken question sent with no text, uploaded as a WAV, then recorded with the microphone (Chromium's fake
-    capture device playing the same WAV): the page shows what `Assistant.ask` answers for the uploaded file, and for
-    the recording as the page uploaded it (gradio's page turns the browser's recording into a 44.1 kHz 16-bit WAV)."""
+def test_a_spoken_question_in_a_browser(server, spoken_question, tmp_path):
+    """A spoken question sent with no text to the embedded model, uploaded as a WAV, then recorded with the
+    microphone (Chromium's fake capture device playing the same WAV): the page shows what `Assistant.ask` answers for
+    the uploaded file, and for the recording as the page uploaded it (gradio's page turns the browser's recording
+    into a 44.1 kHz 16-bit WAV)."""
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; CI installs it)")
     import httpx
     from playwright.sync_api import expect, sync_playwright
 
-    url, checkpoint = speech_demo
-    model = Assistant.from_pretrained(checkpoint, dtype=torch.float32)
+    url, model = server, Assistant.from_pretrained("demo", dtype=torch.float32)
 
     microphone = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                   f"--use-file-for-fake-audio-capture={spoken_question}"]
@@ -466,7 +458,7 @@ def test_a_spoken_question_in_a_browser(speech_demo, spoken_question, tmp_path):
 
             def send() -> str:
                 """Send the attached audio with no text; the answer as the page holds it (what its copy button
-                copies: a random model's tokens are no words, and markdown may render them otherwise)."""
+                copies, before any markdown rendering)."""
                 n = answers.count()
                 expect(page.locator("[aria-label='File thumbnail']")).to_have_count(1)
                 expect(textbox).to_have_value("")
@@ -497,7 +489,7 @@ def test_a_spoken_question_in_a_browser(speech_demo, spoken_question, tmp_path):
     assert not elsewhere, f"the page asked for something other than the demo: {elsewhere}"
 
 
-def test_the_chat_api_through_gradio_client(server, held_out_scene, tmp_path, monkeypatch):
+def test_the_chat_api_through_gradio_client(server, held_out_scene, spoken_question, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # the client's telemetry (its own flag alone is ignored)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     from gradio_client import Client, handle_file
@@ -507,6 +499,10 @@ def test_the_chat_api_through_gradio_client(server, held_out_scene, tmp_path, mo
     assert job.result(timeout=60) == held_out_scene[1]
     pieces = job.outputs()
     assert len(pieces) > 1 and all(b.startswith(a) for a, b in zip(pieces, pieces[1:], strict=False))
+    # The same question spoken (espeak-ng's en-us voice, one of the training accents, at its own rate), no text.
+    spoken = client.predict({"text": "", "files": [handle_file(held_out_scene[0]), handle_file(spoken_question)]},
+                            api_name="/chat")
+    assert spoken == held_out_scene[1]
     message = client.predict({"text": "What is this?", "files": [handle_file(corrupt_png(tmp_path))]},
                              api_name="/chat")
     assert message.startswith("⚠️ corrupt.png cannot be read as an image")

@@ -221,18 +221,23 @@ def test_command_prints_the_table_and_writes_json(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["checkpoint"] == "demo" and (data["suite"], data["seed"], data["n_per_type"]) == ("shapes", 0, 1)
-    rows = [re.split(r"\s{2,}", line.strip()) for line in result.stdout.splitlines()[2:34]]
+    lines = result.stdout.splitlines()
+    assert lines[-1] == f"wrote {out}"
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[2:-1]]
     expected = []
     for task, types_asked in (("text-qa", QUESTION_TYPES), ("image-qa", QUESTION_TYPES),
-                              ("video-qa", TIME_QUESTION_TYPES), ("video-qa-shuffled", TIME_QUESTION_TYPES)):
+                              ("video-qa", TIME_QUESTION_TYPES), ("video-qa-shuffled", TIME_QUESTION_TYPES),
+                              ("asr", ("question", "caption")), ("spoken-qa", QUESTION_TYPES)):
         types = data["tasks"][task]["types"]
         assert list(types) == list(types_asked) and all(v["n"] == 1 for v in types.values())
         for qtype, v in [*types.items(), ("all", data["tasks"][task])]:
             chance = [f"{100 * v['chance']:.1f} %"] if task.startswith("video") else []  # the order-blind model's
-            expected.append([task, qtype, str(v["n"]), str(v["correct"]), f"{100 * v['accuracy']:.1f} %", *chance])
-    assert rows == expected
+            wer = [f"{100 * v['wer']:.1f} %"] if task == "asr" else []  # its own column, past the empty chance
+            expected.append([task, qtype, str(v["n"]), str(v["correct"]), f"{100 * v['accuracy']:.1f} %", *chance,
+                             *wer])
+    assert rows == expected and not data["skipped"]
     overall = data["overall"]
-    assert overall["n"] == 28 and overall["correct"] == sum(t["correct"] for t in data["tasks"].values())
+    assert overall["n"] == 37 and overall["correct"] == sum(t["correct"] for t in data["tasks"].values())
 
 
 def test_command_errors_are_one_line_before_loading(tmp_path, capsys):
