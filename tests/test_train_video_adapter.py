@@ -137,3 +137,33 @@ def test_command_line(clips, image_model, tmp_path):
                           f"--train.out_dir={tmp_path / 'run'}", "--train.steps=2", "--train.device=cpu")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert latest_checkpoint(tmp_path / "run") is not None
+
+
+def test_an_image_model_with_a_video_adapter_is_read_without_it(capsys):
+    # The embedded model has a video adapter: the stage trains a new one of other sizes in its place (before, its
+    # weights were loaded into the new one where they fit, and a size mismatch crashed the build).
+    from dataclasses import replace
+
+    from adapters.video import VideoAdapterConfig
+    from mm_llama.checkpoints.composed import read_ours_composed
+    from mm_llama.paths import checkpoint_path
+    from mm_llama.train.base_model import read_base_model
+
+    demo = checkpoint_path("demo")
+    base = read_base_model(demo, "image_model demo", "unused", trains=("video_adapter",), announce=True)
+    assert capsys.readouterr().out == ("image_model demo has a video adapter already: the stage trains new ones in "
+                                       "their place, keeping none of their weights\n")
+    assert base.config.video_adapter is None and not any(k.startswith("video_adapter.") for k in base.state)
+    adapter = VideoAdapterConfig(n_frames=16, group=4, every=4, ffn_hidden_dim=128)  # the demo's: every 1, FFN 256
+    model = base.build(replace(base.config, video_adapter=adapter), torch.device("cpu"), new=("video_adapter",))
+    _, demo_state = read_ours_composed(demo)
+    built = model.state_dict()
+    old = {k: v for k, v in demo_state.items() if k.startswith("video_adapter.")}
+    assert any(k not in built or built[k].shape != v.shape for k, v in old.items())  # the old part would not fit
+    assert len(model.video_adapter.cross_attention_layers) == 1
+    for k, v in demo_state.items():  # every other part is the demo's, bit for bit
+        if k not in old:
+            assert torch.equal(built[k].to(v.dtype), v), k
+    # Off the main rank nothing is said; parts the stage does not train stay (the speech parts here).
+    quiet = read_base_model(demo, "image_model demo", "unused", trains=("video_adapter",), announce=False)
+    assert capsys.readouterr().out == "" and quiet.config.speech_adapter is not None

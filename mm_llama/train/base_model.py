@@ -38,17 +38,11 @@ class BaseModel:
         with torch.device(device):
             model = MMLlama(config, trunk=Llama(self.config.trunk))
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in self.state.items()}, strict=False)
-        missing = [k for k in missing if not k.startswith(tuple(f"{name}." for name in new))]
+        missing = [k for k in missing if not k.startswith(_prefixes(new))]
         if missing or unexpected:
             raise CheckpointError(f"{self.what}: weights do not fit (missing {missing[:5]}, unexpected "
                                   f"{unexpected[:5]})")
         return model
-
-    def without(self, parts: tuple[str, ...]) -> BaseModel:
-        """This base model with `parts` (`MMConfig` field names, e.g. "speech_encoder") taken out: config and
-        tensors, as if it had never had them."""
-        state = {k: v for k, v in self.state.items() if not k.startswith(tuple(f"{name}." for name in parts))}
-        return replace(self, config=replace(self.config, **dict.fromkeys(parts)), state=state)
 
     def save_with(self, out: Path, trainable: dict[str, torch.Tensor], config: MMConfig, tokenizer: Path) -> None:
         """Write `trainable` (full names) with the base's other parts as stored, the trunk by reference, and the
@@ -59,13 +53,30 @@ class BaseModel:
         shutil.copy2(tokenizer, out / "tokenizer.model")
 
 
-def read_base_model(path: Path, what: str, accepted: str) -> BaseModel:
+def read_base_model(path: Path, what: str, accepted: str, trains: tuple[str, ...], announce: bool) -> BaseModel:
     """The mm-llama checkpoint at `path`; a `CheckpointError` that starts with `what` (e.g. "image_model demo") and
-    ends with `accepted`, what the stage builds on (e.g. "a stage image-adapter checkpoint, or 'demo'")."""
+    ends with `accepted`, what the stage builds on (e.g. "a stage image-adapter checkpoint, or 'demo'").
+
+    `trains` names the parts (`MMConfig` fields, e.g. "video_adapter") the stage trains from their initialisation. A
+    base that has one already (the embedded model has every part) is read without it, config and tensors: the
+    stage's new part takes its place, whatever its sizes, and no old weight is kept or saved with the new ones. With
+    `announce` (the main rank), that is said in one line."""
     try:
         config, state, trunk_dir = read_ours_with_trunk_dir(path)
     except CheckpointError as e:
         raise CheckpointError(f"{what}: {e} ({accepted})") from None
+    replaced = [name for name in trains if getattr(config, name) is not None]
+    if replaced:
+        config = replace(config, **dict.fromkeys(replaced))
+        state = {k: v for k, v in state.items() if not k.startswith(_prefixes(replaced))}
+        if announce:
+            print(f"{what} has a {' and a '.join(name.replace('_', ' ') for name in replaced)} already: the stage "
+                  "trains new ones in their place, keeping none of their weights", flush=True)
     trunk_state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
     fingerprint = trunk_fingerprint(trunk_state, tie_embeddings=config.trunk.tie_embeddings)
     return BaseModel(config, state, trunk_dir, fingerprint, what)
+
+
+def _prefixes(parts) -> tuple[str, ...]:
+    """The state-dict key prefixes of `parts` (MMConfig field names)."""
+    return tuple(f"{name}." for name in parts)

@@ -87,14 +87,8 @@ class SpeechAdapterStage:
         c = self.config
         self._base = read_base_model(self.base_model, f"base_model {c.base_model}", "the speech stage builds on an "
                                      "mm-llama checkpoint: a stage lm, image-adapter or video-adapter checkpoint, or "
-                                     "'demo'")
+                                     "'demo'", trains=_SPEECH_PARTS, announce=runtime.is_main)
         base = self._base.config
-        if base.speech_adapter is not None:  # a model that hears already (the embedded one): retrained from scratch
-            self._base = self._base.without(_SPEECH_PARTS)
-            base = self._base.config
-            if runtime.is_main:
-                print(f"[{self.name}] base_model {c.base_model} has speech parts already: the speech encoder and "
-                      "adapter this stage trains replace them", flush=True)
         encoder_state = {}
         encoder = c.encoder
         if c.pretrained_encoder is not None:

@@ -6,9 +6,10 @@ description/Q&A shards. The loss is next-token cross-entropy on the answer token
     mm-llama train video-adapter --config configs/demo/video_adapter.yaml [--train.steps=500 ...] [--resume]
 
 Initialisation: the paper starts video pretraining from the image-annealed weights, the aggregator and the video
-blocks new. With `init_blocks_from_image` (default) each video block starts as a copy of the image block at the same
-trunk layer, its trained gates included (`adapter.gate_init` then applies only without the copy): it already reads
-tokens of the image encoder's space, in which the aggregator's effective frames start (each group's mean frame).
+blocks new (an image model that has a video adapter already, as the embedded one, is read without it). With
+`init_blocks_from_image` (default) each video block starts as a copy of the image block at the same trunk layer, its
+trained gates included (`adapter.gate_init` then applies only without the copy): it already reads tokens of the image
+encoder's space, in which the aggregator's effective frames start (each group's mean frame).
 Checkpoints are in mm-llama's format, the trunk by reference (as the image stage's), every other part stored;
 `MMLlama.from_pretrained` loads one directly.
 """
@@ -66,7 +67,7 @@ class VideoAdapterStage:
         c = self.config
         self._base = read_base_model(self.image_model, f"image_model {c.image_model}", "the video stage starts from "
                                      "an mm-llama checkpoint with an image adapter: a stage image-adapter checkpoint, "
-                                     "or 'demo'")
+                                     "or 'demo'", trains=("video_adapter",), announce=runtime.is_main)
         base = self._base.config
         if base.image_adapter is None:
             raise ConfigError(f"image_model {c.image_model} has no image adapter: the video stage builds on a trained "
