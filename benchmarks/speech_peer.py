@@ -14,7 +14,8 @@ from encoders.speech import SpeechEncoderConfig
 
 
 class Peer(torch.nn.Module):
-    """torchaudio's Conformer at our encoder's sizes, behind the same stacking and projection."""
+    """torchaudio's Conformer at our encoder's sizes, behind the same stacking and projection; it returns what ours
+    does: (frames (B, S, D), lengths (B,))."""
 
     def __init__(self, c: SpeechEncoderConfig):
         super().__init__()
@@ -23,10 +24,10 @@ class Peer(torch.nn.Module):
         self.conformer = torchaudio.models.Conformer(input_dim=c.dim, num_heads=c.n_heads, ffn_dim=c.ffn_dim,
                                                      num_layers=c.n_layers, depthwise_conv_kernel_size=c.conv_kernel)
 
-    def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, n = mel.shape
         x = self.input_projection(mel[:, : T // self.stack * self.stack].reshape(B, -1, self.stack * n))
-        return self.conformer(x, lengths // self.stack)[0]
+        return self.conformer(x, lengths // self.stack)
 
 
 def timed(fn, repeats: int, warmup: int, device: torch.device) -> float:

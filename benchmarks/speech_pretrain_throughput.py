@@ -29,15 +29,14 @@ from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 class Pretrained(torch.nn.Module):
     """An encoder (ours or the peer) with BEST-RQ's heads: masked mel (B, T, 80) -> logits (B, S, K, N)."""
 
-    def __init__(self, encoder: torch.nn.Module, dim: int, best_rq: BestRQConfig, ours: bool):
+    def __init__(self, encoder: torch.nn.Module, dim: int, best_rq: BestRQConfig):
         super().__init__()
-        self.encoder, self.ours = encoder, ours
+        self.encoder = encoder
         self.heads = torch.nn.Linear(dim, best_rq.n_codebooks * best_rq.codebook_size)
         self.shape = (best_rq.n_codebooks, best_rq.codebook_size)
 
     def forward(self, masked: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        frames = self.encoder(masked, lengths)[0] if self.ours else self.encoder(masked, lengths)
-        return self.heads(frames).unflatten(-1, self.shape)
+        return self.heads(self.encoder(masked, lengths)[0]).unflatten(-1, self.shape)
 
 
 def main() -> None:
@@ -66,7 +65,7 @@ def main() -> None:
     rows = []
     for name in ("ours", "peer"):
         encoder = SpeechEncoder(config) if name == "ours" else Peer(config)
-        model = Pretrained(encoder, config.dim, best_rq, name == "ours").to(device)
+        model = Pretrained(encoder, config.dim, best_rq).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         clean = mel.reshape(args.batch, -1, config.stack * config.n_mels)  # the stacked frames (whole stacks)
 

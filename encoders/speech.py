@@ -203,9 +203,9 @@ class SpeechEncoder(nn.Module):
             raise ValueError(f"speech encoder expects (B, T, {self.config.n_mels}) mel frames, got {tuple(mel.shape)}")
         # The range check reads the lengths back from the device, which a CUDA graph capture cannot do (the captured
         # lengths are checked once, at warm-up, before the capture).
-        checked = not (mel.is_cuda and torch.cuda.is_current_stream_capturing())
-        if lengths.shape != mel.shape[:1] or checked and (bool((lengths < 1).any()) or
-                                                          bool((lengths > mel.shape[1]).any())):
+        capturing = mel.is_cuda and torch.cuda.is_current_stream_capturing()
+        out_of_range = not capturing and bool(((lengths < 1) | (lengths > mel.shape[1])).any())
+        if lengths.shape != mel.shape[:1] or out_of_range:
             raise ValueError(f"speech encoder lengths must be (B,) in 1..{mel.shape[1]}, got {lengths.tolist()}")
         out_lengths = encoder_lengths(lengths, self.config.stack).to(mel.device)
         x = self.input_projection(self.stacked(mel, lengths))  # (B, S, D)
