@@ -80,7 +80,10 @@ def test_chats_hold_each_utterance_in_its_span_with_labels_on_the_target(shards,
 
 
 def test_loss_falls_the_base_stays_and_resume_equals_uninterrupted(shards, base, tmp_path):
-    config = stage_config(shards, base, tmp_path / "run", steps=24, checkpoint_every=12)
+    # With SpecAugment: its masks are drawn from the data position, so a resumed run masks as the uninterrupted one.
+    augment = "--spec_augment.time_masks=2"
+    config = stage_config(shards, base, tmp_path / "run", augment, steps=24, checkpoint_every=12)
+    assert config.spec_augment.time_masks == 2
     result = train(SpeechAdapterStage(config), config.train)
     losses = [result.losses[k] for k in sorted(result.losses)]
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
@@ -103,11 +106,11 @@ def test_loss_falls_the_base_stays_and_resume_equals_uninterrupted(shards, base,
                if k.startswith(("speech_encoder.", "speech_adapter."))}
     assert trained and all(torch.equal(loaded[k], v) for k, v in trained.items())  # the checkpoint holds what trained
     # A run that dies after step 14 resumes from its step-12 checkpoint and gives the uninterrupted run's losses.
-    crashed = crash_after(SpeechAdapterStage(stage_config(shards, base, tmp_path / "part", steps=24,
+    crashed = crash_after(SpeechAdapterStage(stage_config(shards, base, tmp_path / "part", augment, steps=24,
                                                           checkpoint_every=12)), n_batches=14)
     with pytest.raises(Crash):
         train(crashed, crashed.config.train)
-    again = stage_config(shards, base, tmp_path / "part", steps=24, checkpoint_every=12)
+    again = stage_config(shards, base, tmp_path / "part", augment, steps=24, checkpoint_every=12)
     resumed = train(SpeechAdapterStage(again), again.train, resume=True)
     assert sorted(resumed.losses) == list(range(13, 25))
     for step in range(13, 25):
@@ -195,3 +198,57 @@ def test_samples_the_stage_cannot_use_are_skipped_with_their_reason(shards):
     with pytest.raises(BadSample, match=r"its chat is \d+ tokens, over data.seq_len \(20\)"):
         _Decode(tok, SpeechAdapterConfig(in_dim=64, dim=64, n_heads=4), 4, max_seconds=60, seq_len=20)(sample)
     assert json.loads(sample["json"])["task"] in ("asr", "dialogue")
+
+
+def test_init_from_continues_a_models_own_speech_parts(shards, base, tmp_path):
+    # The embedded model's encoder and adapter are the start: they already hear the shapes world, so the first loss is
+    # a fraction of a fresh start's; the checkpoint holds the continued parts with the base's others unchanged.
+    demo_sizes = ("--adapter.in_dim=192", "--adapter.dim=256", "--adapter.n_heads=4", "--adapter.ffn_dim=512")
+    config = stage_config(shards, base, tmp_path / "run", "--encoder=null", "--init_from=demo", *demo_sizes,
+                          "--train.lr=1e-4", steps=2, checkpoint_every=2)
+    stage = SpeechAdapterStage(config)
+    from mm_llama.checkpoints.ours import read_ours_parts
+    from mm_llama.train.distributed import Runtime
+
+    model = stage.build(Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False))
+    demo = read_ours_parts(base)
+    for part in ("speech_encoder", "speech_adapter"):
+        assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in demo[part][1].items()), part
+    continued = train(SpeechAdapterStage(config), config.train)
+    fresh_config = stage_config(shards, base, tmp_path / "fresh", steps=2, checkpoint_every=2)
+    fresh = train(SpeechAdapterStage(fresh_config), fresh_config.train)
+    assert continued.losses[1] < 0.25 * fresh.losses[1], (continued.losses, fresh.losses)
+    after = read_ours_parts(continued.last_checkpoint)
+    assert after["speech_adapter"][0] == demo["speech_adapter"][0]
+    assert any(not torch.equal(after["speech_encoder"][1][k].float(), v.float())
+               for k, v in demo["speech_encoder"][1].items())  # it trained
+    _, base_state = read_ours_composed(base)
+    _, state_after = read_ours_composed(continued.last_checkpoint)
+    assert all(torch.equal(state_after[k], v) for k, v in base_state.items()
+               if not k.startswith(("speech_encoder.", "speech_adapter.")))
+
+
+def test_init_from_is_refused_with_another_start_or_other_adapter_sizes(shards, base, tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of pretrained_encoder .* and init_from"):
+        stage_config(shards, base, tmp_path, "--init_from=demo")  # the test config's fresh encoder as well
+    from mm_llama.train.distributed import Runtime
+
+    runtime = Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
+    with pytest.raises(ConfigError, match=r"^init_from demo: its speech adapter is .*dim=256.* the adapter section "
+                                          r".*dim=64.*; make the section the model's"):
+        SpeechAdapterStage(stage_config(shards, base, tmp_path, "--encoder=null", "--init_from=demo")).build(runtime)
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    with pytest.raises(CheckpointError, match=r"^init_from .*not-a-model: .*\(a model that hears"):
+        SpeechAdapterStage(stage_config(shards, base, tmp_path, "--encoder=null", f"--init_from={not_a_model}")
+                           ).build(runtime)
+
+
+def test_the_continue_config_is_the_shipped_models_recipe():
+    # What continued the embedded model's speech parts (README): the demo's adapter sizes, SpecAugment, 300 steps.
+    config = load_config(SpeechAdapterStageConfig, CONFIG.with_name("speech_adapter_continue.yaml"))
+    assert (config.init_from, config.base_model, config.pretrained_encoder, config.encoder) == (
+        "runs/speech/model", "runs/speech/model", None, None)
+    assert config.adapter == load_config(SpeechAdapterStageConfig, CONFIG).adapter
+    assert config.spec_augment.time_masks == 4 and config.spec_augment.freq_masks == 2
+    assert (config.train.steps, config.train.lr, config.data.batch_size) == (300, 3e-4, 16)

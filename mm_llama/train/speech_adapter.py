@@ -9,9 +9,10 @@ picture when the sample has one), next-token loss on the target tokens only (`mm
 video-adapter checkpoint, or "demo"); its trunk and parts stay as they are, except speech parts it has already
 (the embedded model's): the ones trained here replace them. The encoder starts from a speech-pretrain
 checkpoint (`pretrained_encoder`: its config and weights, what BEST-RQ learnt) or, without one, from random weights
-of `encoder`. The media-token rows (`<|speech_start|>`, `<|speech_end|>`, …) train only when the base model has
-none (a text model); a base model's rows stay frozen, so its pictures and clips read as before. Checkpoints hold
-the whole model in mm-llama's format, the trunk by reference (as the video stage's).
+of `encoder`; with `init_from` instead, the encoder and the adapter continue a model's own (fine-tuning a model that
+hears, e.g. on a new accent). The media-token rows (`<|speech_start|>`, `<|speech_end|>`, …) train only when the
+base model has none (a text model); a base model's rows stay frozen, so its pictures and clips read as before.
+Checkpoints hold the whole model in mm-llama's format, the trunk by reference (as the video stage's).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from adapters.speech import SpeechAdapterConfig
 from encoders.speech import SpeechEncoderConfig
 from mm_llama.checkpoints.ours import read_ours_parts
 from mm_llama.config import from_dict
+from mm_llama.data.spec_augment import SpecAugmentConfig, spec_augment
 from mm_llama.data.speech_chat import SpeechChatBatches, SpeechChatDataConfig
 from mm_llama.errors import CheckpointError, ConfigError
 from mm_llama.media import Media
@@ -40,20 +42,24 @@ from mm_llama.train.loop import TrainConfig, TrainResult, run_stage
 
 @dataclass(kw_only=True)
 class SpeechAdapterStageConfig:
-    """The stage's YAML: the frozen `base_model`, the encoder (`pretrained_encoder`, a speech-pretrain checkpoint,
-    or a fresh `encoder`), the adapter, data and train sections."""
+    """The stage's YAML: the frozen `base_model`, where the speech parts start (`pretrained_encoder`, a speech-pretrain
+    checkpoint's encoder, or a fresh `encoder`, with a fresh adapter; or `init_from`, a model's encoder and adapter,
+    to continue them), the adapter, data and train sections, and optionally `spec_augment`."""
 
     base_model: str
     pretrained_encoder: str | None = None
     encoder: SpeechEncoderConfig | None = None
+    init_from: str | None = None  # a model (or "demo") whose speech encoder and adapter the stage continues
     adapter: SpeechAdapterConfig
     data: SpeechChatDataConfig
     train: TrainConfig
+    spec_augment: SpecAugmentConfig | None = None  # masks on the training utterances' mel (none without the section)
 
     def __post_init__(self) -> None:
-        if (self.pretrained_encoder is None) == (self.encoder is None):
-            raise ConfigError("give exactly one of pretrained_encoder (a speech-pretrain checkpoint: its encoder) and "
-                              "encoder (a fresh one: a preset or fields)")
+        if sum(x is not None for x in (self.pretrained_encoder, self.encoder, self.init_from)) != 1:
+            raise ConfigError("give exactly one of pretrained_encoder (a speech-pretrain checkpoint: its encoder), "
+                              "encoder (a fresh one: a preset or fields) and init_from (a model whose speech encoder "
+                              "and adapter to continue)")
         if self.data.max_seconds > self.adapter.max_seconds:
             raise ConfigError(f"data.max_seconds ({self.data.max_seconds:g}) is over adapter.max_seconds "
                               f"({self.adapter.max_seconds:g}), the longest utterance one span holds")
@@ -62,14 +68,37 @@ class SpeechAdapterStageConfig:
 _SPEECH_PARTS = ("speech_encoder", "speech_adapter")
 
 
+def _part(parts: dict, name: str, cls: type, path: Path, what: str, accepted: str) -> tuple[object, dict]:
+    """Part `name` of a checkpoint's `parts` (`read_ours_parts`): its config as `cls` and its tensors (full names);
+    a `CheckpointError` starting with `what` and naming `accepted` when the checkpoint has none."""
+    if parts.get(name, (None,))[0] is None:
+        raise CheckpointError(f"{what}: no {name.replace('_', ' ')} in it (parts {sorted(parts)}); give {accepted}")
+    config, tensors = parts[name]
+    return from_dict(cls, config, source=f"{path} {name}"), dict(tensors)
+
+
 def pretrained_encoder(path: str | Path) -> tuple[SpeechEncoderConfig, dict[str, torch.Tensor]]:
     """A checkpoint's speech encoder: its config and its tensors (full names, "speech_encoder.*")."""
-    parts = read_ours_parts(Path(path))
-    if "speech_encoder" not in parts or parts["speech_encoder"][0] is None:
-        raise CheckpointError(f"{path}: no speech encoder in it (parts {sorted(parts)}); give a speech-pretrain "
-                              "checkpoint")
-    config, tensors = parts["speech_encoder"]
-    return from_dict(SpeechEncoderConfig, config, source=f"{path} speech_encoder"), dict(tensors)
+    path = Path(path)
+    return _part(read_ours_parts(path), "speech_encoder", SpeechEncoderConfig, path, str(path),
+                 "a speech-pretrain checkpoint")
+
+
+def speech_parts(name: str, adapter: SpeechAdapterConfig) -> tuple[SpeechEncoderConfig, dict, dict]:
+    """Model `name`'s speech encoder (config, tensors) and adapter tensors, for the stage to continue; its adapter must
+    be the stage's `adapter` section."""
+    path, what = checkpoint_path(name), f"init_from {name}"
+    accepted = "a model that hears: a speech-adapter checkpoint or 'demo'"
+    try:
+        parts = read_ours_parts(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e} ({accepted})") from None
+    encoder, encoder_state = _part(parts, "speech_encoder", SpeechEncoderConfig, path, what, accepted)
+    theirs, adapter_state = _part(parts, "speech_adapter", SpeechAdapterConfig, path, what, accepted)
+    if theirs != adapter:
+        raise ConfigError(f"{what}: its speech adapter is {theirs}, the adapter section {adapter}; make the section "
+                          "the model's")
+    return encoder, encoder_state, adapter_state
 
 
 class SpeechAdapterStage:
@@ -87,12 +116,16 @@ class SpeechAdapterStage:
         c = self.config
         self._base = read_base_model(self.base_model, f"base_model {c.base_model}", "the speech stage builds on an "
                                      "mm-llama checkpoint: a stage lm, image-adapter or video-adapter checkpoint, or "
-                                     "'demo'", trains=_SPEECH_PARTS, announce=runtime.is_main)
+                                     "'demo'", trains=_SPEECH_PARTS, announce=runtime.is_main and c.init_from is None)
+        if c.init_from is not None and runtime.is_main:
+            print(f"the speech encoder and adapter continue init_from {c.init_from}'s", flush=True)
         base = self._base.config
-        encoder_state = {}
+        encoder_state, adapter_state = {}, {}
         encoder = c.encoder
         if c.pretrained_encoder is not None:
             encoder, encoder_state = pretrained_encoder(c.pretrained_encoder)
+        if c.init_from is not None:
+            encoder, encoder_state, adapter_state = speech_parts(c.init_from, c.adapter)
         if c.adapter.in_dim != encoder.dim:
             raise ConfigError(f"adapter.in_dim ({c.adapter.in_dim}) must equal the speech encoder's dim "
                               f"({encoder.dim})")
@@ -100,13 +133,15 @@ class SpeechAdapterStage:
             self._trained_parts += ("media",)
         model = self._base.build(replace(base, speech_encoder=encoder, speech_adapter=c.adapter), runtime.device,
                                  new=self._trained_parts)
-        if encoder_state:
+        source = f"pretrained_encoder {c.pretrained_encoder}" if c.init_from is None else f"init_from {c.init_from}"
+        for part, state in (("speech_encoder", encoder_state), ("speech_adapter", adapter_state)):
+            if not state:
+                continue
             try:
-                model.speech_encoder.load_state_dict(
-                    {k.removeprefix("speech_encoder."): v.float() for k, v in encoder_state.items()}, strict=True)
+                getattr(model, part).load_state_dict({k.removeprefix(f"{part}."): v.float() for k, v in state.items()},
+                                                     strict=True)
             except RuntimeError as e:
-                raise CheckpointError(f"pretrained_encoder {c.pretrained_encoder}: its weights do not fit its config "
-                                      f"({e})") from None
+                raise CheckpointError(f"{source}: its {part} weights do not fit its config ({e})") from None
         if not base.has_media:
             nn.init.normal_(model.media.learnable_embedding.weight, std=0.02)
         model.requires_grad_(False)
@@ -126,9 +161,11 @@ class SpeechAdapterStage:
         # The built model's encoder (`build` runs first): its stacking sets each utterance's positions.
         source = SpeechChatBatches(c.data, c.adapter, self._model_config.speech_encoder.stack, rank=runtime.rank,
                                    world_size=runtime.world_size)
-        for batch in source.batches(start):
-            images = batch["images"]
-            yield {**batch, "speech": batch["speech"].to(runtime.device),
+        for index, batch in enumerate(source.batches(start), start):  # index: the micro-batch's data position
+            images, speech = batch["images"], batch["speech"].to(runtime.device)
+            if c.spec_augment is not None:
+                speech = spec_augment(speech, c.spec_augment, index, runtime.rank)
+            yield {**batch, "speech": speech,
                    "images": None if images is None else images.to(runtime.device),
                    "tokens": batch["tokens"].to(runtime.device), "labels": batch["labels"].to(runtime.device)}
 
