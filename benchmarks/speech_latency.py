@@ -12,6 +12,8 @@ Rows (median of --repeats after --warmup, CUDA-synchronised; the inputs are log-
     ours / peer, batch B the same on B utterances of the same length
     ours, CUDA graph     (GPU only) ours at batch 1 captured once as a CUDA graph and replayed: the same kernels
                          without the CPU's launch cost, which bounds the eager batch-1 row
+    ours, compiled       (GPU only) ours at batch 1 through torch.compile, as `Assistant(..., compile=True)` runs the
+                         speech parts (`Generator`: the model's `encoders()` compiled with the default mode)
 "x real time" is audio seconds per wall second; "ratio" is the peer's time over ours (> 1: ours is faster). The log-mel
 front end (`encoders.audio.log_mel`) is timed on its own row, on the device of the run.
 """
@@ -68,12 +70,21 @@ def main() -> None:
         if device.type == "cuda":
             length = torch.full((1,), mel.shape[1], device=device)  # made before the capture: no copy inside it
             rows.append(_graph_row(lambda: adapter(*encoder(mel, length)), args))
+            compiled_encoder, compiled_adapter = torch.compile(encoder), torch.compile(adapter)
+            seconds = timed(lambda: compiled_adapter(*compiled_encoder(mel, length)), args.repeats, args.warmup,
+                            device)
+            # Fused kernels round bf16 differently from eager ones: the row says by how much.
+            eager, fused = adapter(*encoder(mel, length))[0], compiled_adapter(*compiled_encoder(mel, length))[0]
+            rows.append({"row": "ours, compiled, batch 1", "ms": seconds * 1e3, "x_real_time": args.seconds / seconds,
+                         "max_diff_vs_eager": ((fused - eager).abs().max() / eager.abs().max()).item()})
     params = {"encoder": sum(p.numel() for p in encoder.parameters()),
               "adapter": sum(p.numel() for p in adapter.parameters()),
               "peer": sum(p.numel() for p in peer.parameters())}
     print(f"{device} {dtype}, {args.seconds:g} s of audio, preset {args.preset}, parameters {params}")
     for r in rows:
         ratio = f"  ratio {r['ratio']:.2f}" if r.get("ratio") else ""
+        if "max_diff_vs_eager" in r:
+            ratio += f"  max |compiled - eager| / max |eager| {r['max_diff_vs_eager']:.1e}"
         print(f"{r['row']:<18} {r['ms']:9.2f} ms  {r['x_real_time']:10.0f} x real time{ratio}")
     if args.json:
         with open(args.json, "w") as f:

@@ -202,9 +202,10 @@ class SpeechEncoder(nn.Module):
         if mel.dim() != 3 or mel.shape[-1] != self.config.n_mels:
             raise ValueError(f"speech encoder expects (B, T, {self.config.n_mels}) mel frames, got {tuple(mel.shape)}")
         # The range check reads the lengths back from the device, which a CUDA graph capture cannot do (the captured
-        # lengths are checked once, at warm-up, before the capture).
-        capturing = mel.is_cuda and torch.cuda.is_current_stream_capturing()
-        out_of_range = not capturing and bool(((lengths < 1) | (lengths > mel.shape[1])).any())
+        # lengths are checked once, at warm-up, before the capture) and which would break a compiled graph in two
+        # (compiled, the composed model's lengths come from `Utterances`, which checked them).
+        traced = torch.compiler.is_compiling() or (mel.is_cuda and torch.cuda.is_current_stream_capturing())
+        out_of_range = not traced and bool(((lengths < 1) | (lengths > mel.shape[1])).any())
         if lengths.shape != mel.shape[:1] or out_of_range:
             raise ValueError(f"speech encoder lengths must be (B,) in 1..{mel.shape[1]}, got {lengths.tolist()}")
         out_lengths = encoder_lengths(lengths, self.config.stack).to(mel.device)

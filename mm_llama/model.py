@@ -224,8 +224,10 @@ class MMLlama(nn.Module):
         return {name: module for name, module in self.named_children() if name != "trunk"}
 
     def encoders(self) -> dict[str, nn.Module]:
-        """The media encoders, which run once per request on fixed shapes: what generation may compile."""
-        return {"vision": self.vision} if self.vision is not None else {}
+        """The media encoders, which run once per request on fixed shapes: what generation may compile. (The speech
+        adapter is one too: the encoder's frames pass through it alone.)"""
+        parts = {"vision": self.vision, "speech_encoder": self.speech_encoder, "speech_adapter": self.speech_adapter}
+        return {name: part for name, part in parts.items() if part is not None}
 
     def _cross_adapters(self) -> list[tuple[str, GatedCrossAttention]]:
         """The gated cross-attention adapters in the order their blocks run before the same trunk layer: a video
@@ -272,7 +274,7 @@ class MMLlama(nn.Module):
                 adapter=self.video_adapter if for_decoding else None)
         spans = media.embeddings
         if media.speech is not None:
-            speech = self._speech_spans(rows, media.speech, left_pad)
+            speech = self._speech_spans(rows, media.speech, left_pad, encoders)
             spans = speech if spans is None else EmbeddingSpans(spans.embeddings + speech.embeddings,
                                                                 spans.samples + speech.samples,
                                                                 spans.starts + speech.starts)
@@ -287,9 +289,11 @@ class MMLlama(nn.Module):
         return speech_positions(torch.as_tensor(mel_lengths), self.config.speech_encoder.stack,
                                 self.config.speech_adapter).tolist()
 
-    def _speech_spans(self, rows: list[list[int]], utterances, left_pad: Sequence[int] | None) -> EmbeddingSpans:
-        """Encode `utterances` (`encoders.utterances.Utterances`) and place utterance k's embeddings in the k-th
-        `<|speech_start|>` span of the batch (row by row, left to right), which must hold exactly its positions."""
+    def _speech_spans(self, rows: list[list[int]], utterances, left_pad: Sequence[int] | None,
+                      encoders: Mapping[str, nn.Module]) -> EmbeddingSpans:
+        """Encode `utterances` (`encoders.utterances.Utterances`) with `encoders` (as `prepare`'s) and place utterance
+        k's embeddings in the k-th `<|speech_start|>` span of the batch (row by row, left to right), which must hold
+        exactly its positions."""
         if self.speech_adapter is None:
             raise InputError("this model has no speech encoder: it does not take audio")
         need = self.speech_positions(utterances.host_lengths)
@@ -314,8 +318,8 @@ class MMLlama(nn.Module):
         if len(starts) != len(need):
             raise InputError(f"{len(need)} utterance(s) but {len(starts)} <|speech_start|> span(s) in the tokens")
         dtype = self.speech_encoder.input_projection.weight.dtype  # features are fp32; the weights may be bf16
-        frames, lengths = self.speech_encoder(utterances.mel.to(dtype), utterances.lengths)
-        embeddings, _ = self.speech_adapter(frames, lengths)  # (N, P, D)
+        frames, lengths = encoders["speech_encoder"](utterances.mel.to(dtype), utterances.lengths)
+        embeddings, _ = encoders["speech_adapter"](frames, lengths)  # (N, P, D)
         return EmbeddingSpans([embeddings[k, :n] for k, n in enumerate(need)], samples, starts)
 
     def embed(self, tokens: torch.Tensor, splice: Splice | None = None) -> torch.Tensor:

@@ -35,3 +35,22 @@ def test_compiled_generation_equals_eager_with_images_and_taps():
     text = compiled.generate([[1, 2, 3]], sampling)
     assert text == Generator(model).generate([[1, 2, 3]], sampling)
     assert [s.tokens for s in compiled.stream_steps(prompts, sampling, media=media)] == [s.tokens for s in eager]
+
+
+def test_compiled_assistant_hears_as_the_eager_one():
+    # `compile=True` compiles the speech encoder and adapter with the vision encoder (`MMLlama.encoders`): spoken
+    # questions of two lengths (the second recompiles with a symbolic length) answer as eagerly, token for token.
+    import numpy as np
+
+    from mm_llama.api import Assistant
+
+    eager = Assistant.from_pretrained("demo", dtype=torch.float32, device="cuda")
+    compiled = Assistant.from_pretrained("demo", dtype=torch.float32, device="cuda", compile=True)
+    assert set(compiled.model.encoders()) == {"vision", "speech_encoder", "speech_adapter"}
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)
+    for seconds in (2.1, 3.4, 2.1):
+        wave = (0.1 * rng.standard_normal(int(16_000 * seconds))).astype(np.float32)
+        expected = eager.ask(audio=(wave, 16_000), image=picture, max_new_tokens=12)
+        assert compiled.ask(audio=(wave, 16_000), image=picture, max_new_tokens=12) == expected
+        assert eager.transcribe((wave, 16_000)) == compiled.transcribe((wave, 16_000))
