@@ -54,7 +54,7 @@ class Size:
 SIZES = {
     # The shipped model: about 25 minutes on one H200, measured in two runs (16 min for data, lm and image-adapter;
     # 9 min for the video steps), each step's time in the README and the notes of issues 10 and 11.
-    "full": Size(n_text=100_000, n_image=60_000, n_video=20_000, n_speech=24_000, eval_per_type=50),
+    "full": Size(n_text=100_000, n_image=60_000, n_video=20_000, n_speech=96_000, eval_per_type=50),
     # CI on 2 CPU cores: every step of the full recipe on the real configs, with a handful of steps.
     "tiny": Size(n_text=400, n_image=300, n_video=24, n_speech=40, eval_per_type=1, overrides={
         "lm": ("--train.steps=4", "--data.batch_size=4", "--data.seq_len=256", "--train.log_every=2",

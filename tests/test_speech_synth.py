@@ -50,7 +50,7 @@ def test_utterances_are_the_world_spoken_and_the_same_whatever_the_workers(tmp_p
         voices.add(record["voice"]["name"])
         tasks.add(record["task"])
     assert tasks == {"asr", "dialogue"}
-    assert len(voices) >= 6  # drawn from 42 settings
+    assert len(voices) >= 6  # drawn from 168 settings
     held = members(synth_speech(tmp_path / "held", 4, seed=3, split="heldout")[0])
     for key in sorted({name.split(".")[0] for name in held}):
         record = json.loads(held[f"{key}.json"])
