@@ -13,9 +13,10 @@ shuffled 37.9 % against a chance of 50 %. It misses some colour changes of stars
 is a star said to stay its final colour), which the previous model (100 %) did not.
 
 Issue 12's speech targets are a WER of at most 8 % on held-out sentences in the held-out voice, and 90 % on spoken
-questions about held-out pictures. The shipped model transcribes at 0.8 % WER (200 per type, seed 1) and answers 86.4 %
-of the spoken questions (46 % of count questions): the first target is met, the second is not. On this test's 20 per
-type: WER 4.0 %, spoken QA 93.6 % (count 70 %).
+questions about held-out pictures. The shipped model (the recipe's speech parts continued with SpecAugment,
+`configs/demo/speech_adapter_continue.yaml`) transcribes at 0.5 % WER (200 per type, seed 1) and answers 94.6 % of the
+spoken questions: both are met. Count questions are its weak row (83 %): the held-out voice drops /h/ ("'ow many").
+On this test's 20 per type: WER 0.3 %, spoken QA 92.1 % (count 65 %, relative position 90 %).
 """
 
 from pathlib import Path
@@ -79,13 +80,13 @@ def test_transcribes_held_out_speech_and_answers_spoken_questions_about_pictures
     report = evaluate(Assistant.for_model(model), n_per_type=20, seed=0, tasks=["asr", "spoken-qa"],
                       progress=False).to_json()["tasks"]
     asr, spoken = report["asr"], report["spoken-qa"]
-    # Held-out sentences in the held-out voice: WER 4.0 % on these 20 + 20 (1.9 % captions, 9.9 % questions).
-    assert asr["n"] == 40 and asr["wer"] <= 0.08, asr
-    assert asr["types"]["caption"]["wer"] <= 0.05, asr
-    # The question spoken, no text: 93.6 % on these 20 per type, count 70 % (see the module's docstring).
-    assert spoken["n"] == 140 and spoken["accuracy"] >= 0.85, spoken
+    # Held-out sentences in the held-out voice: WER 0.3 % on these 20 + 20 (0 % captions, 1.3 % questions).
+    assert asr["n"] == 40 and asr["wer"] <= 0.04, asr
+    assert asr["types"]["caption"]["wer"] <= 0.02, asr
+    # The question spoken, no text: 92.1 % on these 20 per type, count 65 % (see the module's docstring).
+    assert spoken["n"] == 140 and spoken["accuracy"] >= 0.88, spoken
     for qtype, row in spoken["types"].items():
-        assert row["accuracy"] >= (0.6 if qtype == "count" else 0.85), (qtype, spoken)
+        assert row["accuracy"] >= (0.5 if qtype == "count" else 0.85), (qtype, spoken)
 
 
 def test_a_batch_answers_what_one_by_one_answers():
