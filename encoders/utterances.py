@@ -8,6 +8,11 @@ quietest 20 ms of the last quarter of its window (at most the last 5 s), so that
 there is a pause; the last chunk holds the rest (a rest under 10 ms, shorter than one feature frame, is padded with
 silence to 10 ms). `audio_chunks` reads a file one window at a time: an hour-long file costs one window's memory.
 
+Silence: a chunk whose every sample is under SILENCE_DBFS (`is_silent`: digital silence, dither) holds nothing to
+hear. No training sample is silent, and the demo model, given one, writes down a sentence of its world ("Is there a
+yellow square?"), as Whisper makes up text for silence; `transcribe` skips such chunks and `ask` refuses audio that is
+all silence.
+
 Shapes: N utterances, T mel frames (10 ms each), 80 mel channels.
 """
 
@@ -27,7 +32,23 @@ from mm_llama.errors import InputError
 from mm_llama.paths import local_path
 from mm_llama.values import is_finite_number
 
-__all__ = ["Utterances", "audio_chunks", "chunk_bounds", "quiet_cut"]
+__all__ = ["SILENCE_DBFS", "Utterances", "audio_chunks", "audio_name", "chunk_bounds", "is_silent", "quiet_cut"]
+
+# Below this peak a chunk holds no sound: 16-bit dither is about -90 dBFS, quiet speech peaks above -40 dBFS, and the
+# model hears speech normalised per utterance, so even a whisper recorded at low gain is far above it.
+SILENCE_DBFS = -70.0
+
+
+def is_silent(wave: torch.Tensor) -> bool:
+    """True when every sample of `wave` (full scale 1.0) is under SILENCE_DBFS."""
+    return bool(wave.abs().max() < 10 ** (SILENCE_DBFS / 20))
+
+
+def audio_name(source) -> str:
+    """How errors name an audio input (`audio_chunks`' `source`)."""
+    if isinstance(source, tuple):
+        return "audio (waveform, sample_rate) tuple"
+    return "audio bytes" if isinstance(source, bytes | bytearray) else f"audio file {source}"
 
 _QUIET_FRAME = 0.02  # s: the cut's resolution
 _MAX_SEARCH = 5.0  # s: the cut is searched in the last quarter of a window, at most this long
@@ -117,16 +138,16 @@ def audio_chunks(source, max_seconds: float) -> Iterator[torch.Tensor]:
         wave, first = load_audio(source), True
         while len(wave):
             end = chunk_bounds(wave, SAMPLE_RATE, max_seconds)
-            yield _tail(wave[:end], first, "audio (waveform, sample_rate) tuple")
+            yield _tail(wave[:end], first, audio_name(source))
             wave, first = wave[end:], False
         return
+    name = audio_name(source)
     if isinstance(source, bytes | bytearray):
-        name, handle = "audio bytes", io.BytesIO(source)
+        handle = io.BytesIO(source)
         if not source:
             raise InputError(f"{name} are empty (0 bytes); expected {ACCEPTED}")
     else:
-        path = local_path(source, "audio file")
-        name, handle = f"audio file {source}", path
+        handle = path = local_path(source, "audio file")
         if not path.is_file():
             raise InputError(f"{name} does not exist or is not a file; expected {ACCEPTED}")
         if path.stat().st_size == 0:

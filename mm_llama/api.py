@@ -110,13 +110,18 @@ class Assistant:
         return self.tokenizer.encode_dialog(messages), images, videos, chunks
 
     def _speech_chunks(self, audio) -> list[torch.Tensor]:
-        """`audio`'s 16 kHz chunks, each at most the model's `speech_adapter.max_seconds` (a span each)."""
-        from encoders.utterances import audio_chunks
+        """`audio`'s 16 kHz chunks, each at most the model's `speech_adapter.max_seconds` (a span each), without
+        silent ones; an InputError when all are silent (nothing was said)."""
+        from encoders.utterances import SILENCE_DBFS, audio_chunks, audio_name, is_silent
 
         config = self.model.config.speech_adapter
         if config is None:
             raise InputError("this model has no speech encoder: it does not take audio; ask in text")
-        return list(audio_chunks(audio, config.max_seconds))
+        chunks = [chunk for chunk in audio_chunks(audio, config.max_seconds) if not is_silent(chunk)]
+        if not chunks:
+            raise InputError(f"{audio_name(audio)} is silent (no sample reaches {SILENCE_DBFS:g} dBFS): nothing is "
+                             "said in it; expected speech")
+        return chunks
 
     def _speech_parts(self, chunks: list[torch.Tensor]) -> list[dict]:
         from encoders.audio import HOP
@@ -159,7 +164,8 @@ class Assistant:
             audio: a spoken question or message (a model with a speech adapter): a file path, its bytes, or
                 `(waveform, sample_rate)`; its embeddings enter the user message after any images and video, before
                 `question`. Longer than the model's `speech_adapter.max_seconds`, it becomes several spans, one per
-                chunk (`encoders.utterances`), never truncated. No system prompt: the paper's spoken dialogue.
+                chunk (`encoders.utterances`), never truncated; silent chunks are left out, and audio that is all
+                silence is an InputError. No system prompt: the paper's spoken dialogue.
             system: a system prompt.
             max_new_tokens, temperature, top_k, top_p, seed: sampling (`generate.Sampling`); greedy by default.
         """
@@ -217,11 +223,12 @@ class Assistant:
             audio: a file path, its bytes, or `(waveform, sample_rate)`. Longer than the model's
                 `speech_adapter.max_seconds`, it is cut into chunks at pauses (`encoders.utterances`), read from the
                 file one chunk at a time and transcribed `batch_size` chunks per batch: memory stays bounded
-                whatever the length; the chunks' transcripts are joined by spaces.
+                whatever the length; the chunks' transcripts are joined by spaces. Silent chunks
+                (`encoders.utterances.is_silent`) are skipped: silence transcribes as "".
             language: the language to write in (a name, e.g. "English").
             max_new_tokens: the longest transcript of one chunk, in tokens.
         """
-        from encoders.utterances import Utterances, audio_chunks
+        from encoders.utterances import Utterances, audio_chunks, is_silent
 
         if not isinstance(language, str) or not language.strip():
             raise InputError(f"language must be a non-empty str such as 'English', got {language!r}")
@@ -244,6 +251,8 @@ class Assistant:
             group.clear()
 
         for chunk in audio_chunks(audio, config.max_seconds):
+            if is_silent(chunk):  # the model would make up a sentence for it
+                continue
             group.append(chunk)
             if len(group) == batch_size:
                 flush()

@@ -57,8 +57,11 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
 
     device, dtype = _device_and_dtype(args)
     assistant = Assistant.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, dtype=dtype, device=device)
-    print(assistant.transcribe(args.audio, language=args.language, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size))
+    text = assistant.transcribe(args.audio, language=args.language, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size)
+    print(text)
+    if not text:  # an empty line alone would look like a failure
+        print(f"mm-llama: no speech heard in {args.audio}: the transcript is empty", file=sys.stderr)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

@@ -269,8 +269,7 @@ def test_bad_audio_is_a_clear_input_error_naming_it(assistant, audio_files):
 
 
 def test_odd_but_valid_audio_gets_an_answer(assistant, audio_files):
-    for name in ("10 ms", "silence"):
-        assert all(isinstance(a, str) for a in both(assistant, audio_files[name])), name
+    assert all(isinstance(a, str) for a in both(assistant, audio_files["10 ms"]))
     # A file's bytes are the file.
     path = audio_files["16000 Hz"]
     assert both(assistant, path.read_bytes()) == both(assistant, path) == both(assistant, str(path))
@@ -281,6 +280,24 @@ def test_odd_but_valid_audio_gets_an_answer(assistant, audio_files):
         assert all(isinstance(a, str) for a in both(assistant, audio_files[name])), name
         chunks = list(audio_chunks(audio_files[name], MAX_SECONDS))
         assert len(chunks) == 1 and abs(len(chunks[0]) - n) <= 0.01 * n, (name, len(chunks[0]), n)
+
+
+def test_silence_is_heard_as_nothing_and_quiet_speech_as_speech(assistant, audio_files):
+    # Digital silence and 16-bit dither (+-2 LSB, -84 dBFS) hold nothing to hear: `transcribe` writes nothing rather
+    # than what the model makes up for them, and `ask` says so, naming the input.
+    dither = (np.random.default_rng(1).integers(-2, 3, 2 * SAMPLE_RATE) / 32768).astype(np.float32)
+    silence = audio_files["silence"]
+    for audio in (silence, silence.read_bytes(), (dither, SAMPLE_RATE), (np.zeros((SAMPLE_RATE, 2)), 44_100)):
+        assert assistant.transcribe(audio, max_new_tokens=4) == ""
+        with pytest.raises(InputError, match=r"is silent \(no sample reaches -70 dBFS\): nothing is said in it; "
+                                             r"expected speech") as error:
+            assistant.ask("What do you hear?", audio=audio, max_new_tokens=4)
+        assert isinstance(audio, tuple) or str(error.value).startswith(("audio file " + str(silence), "audio bytes"))
+    # A sentence at -60 dBFS (a whisper at low gain) is speech: features are normalised per utterance, so the model
+    # hears it as it hears the sentence at full scale.
+    wave, rate = espeak_wave(SENTENCES[1])
+    quiet = (wave / np.abs(wave).max() * 10 ** (-60 / 20)).astype(np.float32)
+    assert both(assistant, (quiet, rate)) == both(assistant, (wave, rate))
 
 
 def test_chunks_of_a_file_and_of_its_waveform_agree(long_speech, tmp_path):
@@ -417,6 +434,9 @@ def test_cli_transcribe_and_ask_with_audio(speech_model, assistant, audio_files)
     result = run_mm_llama("transcribe", "--checkpoint", speech_model, readme)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and f"audio file {readme} cannot be read as audio" in result.stderr
+    result = run_mm_llama("transcribe", "--checkpoint", speech_model, audio_files["silence"])
+    assert result.returncode == 0 and result.stdout == "\n", result.stderr
+    assert result.stderr == f"mm-llama: no speech heard in {audio_files['silence']}: the transcript is empty\n"
     result = run_mm_llama("ask", "--checkpoint", speech_model)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr == "mm-llama: error: give a question, --audio FILE with a spoken question, or both\n"
