@@ -33,7 +33,7 @@ from mm_llama.train.checkpoint import (
     set_rng_states,
     write_checkpoint_dir,
 )
-from mm_llama.train.distributed import Runtime, init_runtime, prepare_model
+from mm_llama.train.distributed import Runtime, init_runtime, prepare_model, shutdown
 from mm_llama.train.run_lock import RunLock
 from mm_llama.train.stop import StopRequest, signal_name
 from mm_llama.values import is_finite_number, is_int
@@ -406,7 +406,12 @@ def run_stage(config_cls: type, make_stage, config_path: str | None, overrides=(
     runtime = init_runtime(config.train.device)
     if runtime.is_main:
         print(text, flush=True)
-    result = train(stage, config.train, config_yaml=text, resume=resume, runtime=runtime)
+    try:
+        result = train(stage, config.train, config_yaml=text, resume=resume, runtime=runtime)
+    finally:
+        # Left to interpreter exit, the process group's threads were torn down in any order: once in a while a rank
+        # aborted after its work was saved ("terminate called without an active exception", exit -6).
+        shutdown(runtime)
     if runtime.is_main and result.last_checkpoint is not None:
         print(f"{result_name}: {result.last_checkpoint}", flush=True)
     return result
