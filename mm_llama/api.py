@@ -208,8 +208,13 @@ class Assistant:
             elif not isinstance(entries, list | tuple) or len(entries) != len(questions):
                 raise InputError(f"{name} must be a list with one entry (one {name[:-1]} or None) per question: "
                                  f"{len(questions)} question(s), got {entries!r:.80}")
-        requests = [self._prompt(q, image, None, system, video, audio) for q, image, video, audio
-                    in zip(questions, given["images"], given["videos"], given["audios"], strict=True)]
+        requests = []
+        for k, (q, image, video, audio) in enumerate(zip(questions, given["images"], given["videos"], given["audios"],
+                                                         strict=True)):
+            try:
+                requests.append(self._prompt(q, image, None, system, video, audio))
+            except InputError as e:  # which of the batch's questions it is, as well as what is wrong
+                raise InputError(f"question {k}: {e}") from None
         media = self._media([r[1] for r in requests], [r[2] for r in requests], 1, [r[3] for r in requests])
         return self._generate([r[0] for r in requests], media, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

@@ -201,6 +201,8 @@ def test_mismatched_spans_and_requests_are_input_errors(assistant, tmp_path):
         assistant.transcribe(a, batch_size=0)
     with pytest.raises(InputError, match="audios must be a list with one entry .* per question: 2 question"):
         assistant.ask_batch([None, "Answer."], audios=[a])
+    with pytest.raises(InputError, match=r"^question 1: audio \(waveform, sample_rate\) tuple is silent"):
+        assistant.ask_batch([None, None], audios=[a, (np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE)])
     with pytest.raises(InputError, match="max_seconds must be a number >= 1, got 0"):
         next(audio_chunks(a, 0))  # not an endless run of empty chunks
     # A model without speech says so, whichever way the audio comes.
