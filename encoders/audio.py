@@ -74,11 +74,10 @@ def load_audio(source, *, sample_rate: int = SAMPLE_RATE, max_seconds: float | N
         raise ConfigError(f"load_audio: sample_rate must be a positive int, got {sample_rate!r}")
     if max_seconds is not None and not max_seconds > 0:
         raise ConfigError(f"load_audio: max_seconds must be positive or None, got {max_seconds!r}")
+    name = audio_name(source)
     if isinstance(source, tuple):
-        name = "audio (waveform, sample_rate) tuple"
         samples, rate = _from_tuple(source, name, max_seconds)
     else:
-        name = f"audio file {source}"
         samples, rate = _from_file(source, name, max_seconds)  # (n, channels)
     if samples.shape[0] == 0:
         raise InputError(f"{name} has no samples (0 s of audio)")
@@ -96,6 +95,13 @@ def load_audio(source, *, sample_rate: int = SAMPLE_RATE, max_seconds: float | N
                              "(8000, 16000, 22050, 44100, 48000 Hz, ...) first")
         wave = torchaudio.functional.resample(wave, rate, sample_rate)
     return wave.contiguous()
+
+
+def audio_name(source) -> str:
+    """How errors name an audio input: a `(waveform, sample_rate)` tuple, a file's bytes or a file."""
+    if isinstance(source, tuple):
+        return "audio (waveform, sample_rate) tuple"
+    return "audio bytes" if isinstance(source, bytes | bytearray) else f"audio file {source}"
 
 
 def _positive_int(value) -> bool:

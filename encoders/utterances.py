@@ -27,12 +27,12 @@ import numpy as np
 import soundfile
 import torch
 
-from encoders.audio import ACCEPTED, HOP, SAMPLE_RATE, load_audio, log_mel, normalize
+from encoders.audio import ACCEPTED, HOP, SAMPLE_RATE, audio_name, load_audio, log_mel, normalize
 from mm_llama.errors import InputError
 from mm_llama.paths import local_path
 from mm_llama.values import is_finite_number
 
-__all__ = ["SILENCE_DBFS", "Utterances", "audio_chunks", "audio_name", "chunk_bounds", "is_silent", "quiet_cut"]
+__all__ = ["SILENCE_DBFS", "Utterances", "audio_chunks", "chunk_bounds", "is_silent", "quiet_cut"]
 
 # Below this peak a chunk holds no sound: 16-bit dither is about -90 dBFS, quiet speech peaks above -40 dBFS, and the
 # model hears speech normalised per utterance, so even a whisper recorded at low gain is far above it.
@@ -43,12 +43,6 @@ def is_silent(wave: torch.Tensor) -> bool:
     """True when every sample of `wave` (full scale 1.0) is under SILENCE_DBFS."""
     return bool(wave.abs().max() < 10 ** (SILENCE_DBFS / 20))
 
-
-def audio_name(source) -> str:
-    """How errors name an audio input (`audio_chunks`' `source`)."""
-    if isinstance(source, tuple):
-        return "audio (waveform, sample_rate) tuple"
-    return "audio bytes" if isinstance(source, bytes | bytearray) else f"audio file {source}"
 
 _QUIET_FRAME = 0.02  # s: the cut's resolution
 _MAX_SEARCH = 5.0  # s: the cut is searched in the last quarter of a window, at most this long

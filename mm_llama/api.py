@@ -112,7 +112,8 @@ class Assistant:
     def _speech_chunks(self, audio) -> list[torch.Tensor]:
         """`audio`'s 16 kHz chunks, each at most the model's `speech_adapter.max_seconds` (a span each), without
         silent ones; an InputError when all are silent (nothing was said)."""
-        from encoders.utterances import SILENCE_DBFS, audio_chunks, audio_name, is_silent
+        from encoders.audio import audio_name
+        from encoders.utterances import SILENCE_DBFS, audio_chunks, is_silent
 
         config = self.model.config.speech_adapter
         if config is None:

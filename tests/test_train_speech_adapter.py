@@ -151,6 +151,19 @@ def test_bad_settings_are_refused(shards, base, tmp_path):
     runtime = Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
     with pytest.raises(ConfigError, match=r"adapter.in_dim \(32\) must equal the speech encoder's dim \(64\)"):
         SpeechAdapterStage(stage_config(shards, base, tmp_path, "--adapter.in_dim=32")).build(runtime)
+    # A model that does not hear: the error lists the parts it has (init_from reads only the speech parts' weights).
+    from mm_llama.checkpoints.ours import write_ours
+    from mm_llama.train.speech_adapter import pretrained_encoder
+
+    deaf = tmp_path / "deaf"
+    deaf.mkdir()
+    write_ours(deaf, trunk={}, parts={"vision_projection": (None, {"vision_projection.weight": torch.zeros(2, 2)})})
+    with pytest.raises(CheckpointError, match=r"^init_from .*deaf: no speech encoder in it \(parts "
+                                              r"\['vision_projection'\]\); give a model that hears"):
+        SpeechAdapterStage(stage_config(shards, base, tmp_path, "--encoder=null", f"--init_from={deaf}")).build(runtime)
+    with pytest.raises(CheckpointError, match=r"deaf: no speech encoder in it \(parts \['vision_projection'\]\); "
+                                              r"give a speech-pretrain checkpoint"):
+        pretrained_encoder(deaf)
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     with pytest.raises(CheckpointError, match=r"^base_model .*not-a-model: .*\(the speech stage builds on an mm-llama "
@@ -212,6 +225,8 @@ def test_init_from_continues_a_models_own_speech_parts(shards, base, tmp_path):
 
     model = stage.build(Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False))
     demo = read_ours_parts(base)
+    assert set(read_ours_parts(base, ["speech_encoder", "speech_adapter"])) == {"speech_encoder", "speech_adapter"}
+    assert {"vision", "speech_encoder", "speech_adapter"} <= set(demo)  # init_from reads only the two it continues
     for part in ("speech_encoder", "speech_adapter"):
         assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in demo[part][1].items()), part
     continued = train(SpeechAdapterStage(config), config.train)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,12 +116,15 @@ def read_ours_trunk(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]] |
     return config, read_safetensors(path / trunk.get("weights", "trunk.safetensors"))
 
 
-def read_ours_parts(path: Path) -> dict[str, tuple[dict | None, dict[str, torch.Tensor]]]:
-    """Part name -> (stored config or None, tensors by full name) of every part of an mm-llama directory, upgraded
-    to the current version."""
+def read_ours_parts(path: Path, names: Collection[str] | None = None
+                    ) -> dict[str, tuple[dict | None, dict[str, torch.Tensor]]]:
+    """Part name -> (stored config or None, tensors by full name) of every part of an mm-llama directory (or only of
+    those in `names`: the others' weights are not read), upgraded to the current version."""
     index = read_index(path)
     out = {}
     for name, entry in (index.get("parts") or {}).items():
+        if names is not None and name not in names:
+            continue
         if not isinstance(entry, dict) or not isinstance(entry.get("config", {}), dict):
             raise CheckpointError(f"{path / OURS_INDEX}: part {name!r} must be {{'config': {{...}}, 'weights': ...}}")
         tensors = read_safetensors(path / entry.get("weights", f"{name}.safetensors"))

@@ -26,7 +26,7 @@ from torch import nn
 
 from adapters.speech import SpeechAdapterConfig
 from encoders.speech import SpeechEncoderConfig
-from mm_llama.checkpoints.ours import read_ours_parts
+from mm_llama.checkpoints.ours import read_index, read_ours_parts
 from mm_llama.config import from_dict
 from mm_llama.data.spec_augment import SpecAugmentConfig, spec_augment
 from mm_llama.data.speech_chat import SpeechChatBatches, SpeechChatDataConfig
@@ -69,10 +69,11 @@ _SPEECH_PARTS = ("speech_encoder", "speech_adapter")
 
 
 def _part(parts: dict, name: str, cls: type, path: Path, what: str, accepted: str) -> tuple[object, dict]:
-    """Part `name` of a checkpoint's `parts` (`read_ours_parts`): its config as `cls` and its tensors (full names);
-    a `CheckpointError` starting with `what` and naming `accepted` when the checkpoint has none."""
+    """Part `name` of checkpoint `path`'s `parts` (`read_ours_parts`): its config as `cls` and its tensors (full
+    names); a `CheckpointError` starting with `what` and naming `accepted` when the checkpoint has none."""
     if parts.get(name, (None,))[0] is None:
-        raise CheckpointError(f"{what}: no {name.replace('_', ' ')} in it (parts {sorted(parts)}); give {accepted}")
+        stored = sorted(read_index(path).get("parts") or {})
+        raise CheckpointError(f"{what}: no {name.replace('_', ' ')} in it (parts {stored}); give {accepted}")
     config, tensors = parts[name]
     return from_dict(cls, config, source=f"{path} {name}"), dict(tensors)
 
@@ -80,7 +81,7 @@ def _part(parts: dict, name: str, cls: type, path: Path, what: str, accepted: st
 def pretrained_encoder(path: str | Path) -> tuple[SpeechEncoderConfig, dict[str, torch.Tensor]]:
     """A checkpoint's speech encoder: its config and its tensors (full names, "speech_encoder.*")."""
     path = Path(path)
-    return _part(read_ours_parts(path), "speech_encoder", SpeechEncoderConfig, path, str(path),
+    return _part(read_ours_parts(path, ["speech_encoder"]), "speech_encoder", SpeechEncoderConfig, path, str(path),
                  "a speech-pretrain checkpoint")
 
 
@@ -90,7 +91,7 @@ def speech_parts(name: str, adapter: SpeechAdapterConfig) -> tuple[SpeechEncoder
     path, what = checkpoint_path(name), f"init_from {name}"
     accepted = "a model that hears: a speech-adapter checkpoint or 'demo'"
     try:
-        parts = read_ours_parts(path)
+        parts = read_ours_parts(path, _SPEECH_PARTS)  # not the base's other parts (an 11B model's are 7 GB)
     except CheckpointError as e:
         raise CheckpointError(f"{what}: {e} ({accepted})") from None
     encoder, encoder_state = _part(parts, "speech_encoder", SpeechEncoderConfig, path, what, accepted)
